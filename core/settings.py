@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
@@ -17,7 +17,9 @@ DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
 class CoreSettings(BaseSettings):
     """Where state lives, which base model to use, and the rendering budget."""
 
-    model_config = SettingsConfigDict(env_prefix="PHISHGATE_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="PHISHGATE_", extra="ignore", populate_by_name=True
+    )
 
     home: Path = Field(
         Path("var"),
@@ -40,6 +42,27 @@ class CoreSettings(BaseSettings):
     torch_threads: int = Field(
         0, ge=0, description="Intra-op threads for torch; 0 keeps torch's default."
     )
+
+    mlflow_tracking_uri: str = Field(
+        "",
+        validation_alias=AliasChoices("PHISHGATE_MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI"),
+        description=(
+            "MLflow tracking and registry URI (also read from MLFLOW_TRACKING_URI). Empty: "
+            "the embedded store, SQLite and a local artifact folder under `home`/mlflow."
+        ),
+    )
+
+    @property
+    def tracking_uri(self) -> str:
+        """The MLflow URI to use: the configured one, or the embedded SQLite store."""
+        if self.mlflow_tracking_uri:
+            return self.mlflow_tracking_uri
+        return f"sqlite:///{(self.home / 'mlflow' / 'mlflow.db').resolve()}"
+
+    @property
+    def artifact_root(self) -> Path:
+        """Artifact folder of the embedded store (ignored with a remote tracking server)."""
+        return (self.home / "mlflow" / "artifacts").resolve()
 
     @property
     def model_cache_dir(self) -> Path:
