@@ -52,6 +52,15 @@ class CoreSettings(BaseSettings):
         ),
     )
 
+    ray_address: str = Field(
+        "",
+        validation_alias=AliasChoices("PHISHGATE_RAY_ADDRESS", "RAY_ADDRESS"),
+        description=(
+            "Ray cluster to submit training to (also read from RAY_ADDRESS). Empty: a local "
+            "Ray started for the job, its state under `home`/ray."
+        ),
+    )
+
     @property
     def tracking_uri(self) -> str:
         """The MLflow URI to use: the configured one, or the embedded SQLite store."""

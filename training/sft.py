@@ -1,0 +1,312 @@
+"""The training loop of one Ray Train worker: TRL's SFT trainer with a PEFT LoRA adapter.
+
+Examples are tokenized with the serving path's own prompt encoding, so the model is
+trained on exactly the token sequence it is scored on; the loss covers the assistant
+answer only (the label word and the end-of-turn token). Levers that keep CPU training fast
+without changing what is learned:
+
+- left padding, so every answer sits in the last K positions and the LM head runs on
+  those K positions only (the vocabulary projection over every position costs several
+  times the rest of this small model);
+- no gradient checkpointing (TRL turns it on by default; it costs an extra forward);
+- optionally LoRA on the upper layers only (`lora.top_layers`): no backward below them.
+
+The worker reports to Ray Train before training (the base model's dev metrics, epoch 0)
+and after every epoch (dev metrics + the adapter as a checkpoint, with its history).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from phishgate.core.settings import CoreSettings
+from phishgate.core.tasks import get_task
+from phishgate.training.config import TrainConfig
+from phishgate.training.evaluate import Example, load_examples
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+IGNORE_INDEX = -100
+HISTORY = "history.json"
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    """Dev metrics at one point of training (epoch 0: the base model before training)."""
+
+    epoch: int
+    metrics: dict[str, float]
+    threshold: float
+    train_seconds: float
+
+
+def sample(examples: Sequence[Example], limit: int | None, seed: int) -> list[Example]:
+    """A seeded sample of at most `limit` examples, stratified by label (all when None)."""
+    if limit is None or limit >= len(examples):
+        return list(examples)
+    rng = random.Random(seed)
+    by_label: dict[str, list[Example]] = {}
+    for example in examples:
+        by_label.setdefault(example.label, []).append(example)
+    chosen: list[Example] = []
+    for label in sorted(by_label):
+        group = by_label[label]
+        share = max(1, round(limit * len(group) / len(examples)))
+        chosen.extend(rng.sample(group, min(share, len(group))))
+    rng.shuffle(chosen)
+    return chosen[:limit]
+
+
+def featurize(tokenizer: PreTrainedTokenizerBase, example: Example) -> dict[str, list[int]]:
+    """Input ids and labels (-100 on the prompt) of one example.
+
+    The prompt is encoded exactly as serving encodes it; the answer is what the chat
+    template appends after it, without the trailing newline.
+    """
+    from phishgate.core.render import encode_prompt
+
+    prompt = list(encode_prompt(tokenizer, example.prompt_messages))
+    full = [
+        int(i)
+        for i in tokenizer.apply_chat_template(
+            [dict(m) for m in example.messages], tokenize=True, return_dict=False
+        )
+    ]
+    if full[: len(prompt)] != prompt:
+        raise ValueError(f"example {example.id}: the chat template does not extend its prompt")
+    answer = full[len(prompt) :]
+    while answer and not tokenizer.decode(answer[-1:]).strip():
+        answer.pop()
+    if not answer:
+        raise ValueError(f"example {example.id} has no assistant answer")
+    return {"input_ids": prompt + answer, "labels": [IGNORE_INDEX] * len(prompt) + answer}
+
+
+class LeftPadCollator:
+    """Left-pads a batch so that every answer ends at the last position."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        import torch
+
+        from phishgate.core.scoring import left_pad
+
+        input_ids, attention_mask, position_ids = left_pad(
+            [row["input_ids"] for row in rows], self.pad_id
+        )
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        width = input_ids.shape[1]
+        for i, row in enumerate(rows):
+            labels[i, width - len(row["labels"]) :] = torch.tensor(row["labels"])
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+            "labels": labels,
+        }
+
+
+def answer_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over the answer tokens, computing logits for them only.
+
+    With K trailing answer positions, the logits at positions -K-1 .. -2 predict them; the
+    forward keeps the last K+1 logits and the last one is dropped.
+    """
+    import torch.nn.functional as F
+
+    labels = batch["labels"]
+    columns = (labels != IGNORE_INDEX).nonzero(as_tuple=True)[1]
+    window = int(labels.shape[1] - columns.min().item()) if len(columns) else 1
+    output = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        logits_to_keep=window + 1,
+        use_cache=False,
+    )
+    logits = output.logits[:, :-1, :].float()
+    targets = labels[:, -window:]
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
+    )
+
+
+def train_worker(job: dict[str, Any]) -> None:
+    """Ray Train entry point: `job` holds the TrainConfig and CoreSettings as JSON dicts."""
+    import numpy as np
+    import ray.train
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig as PeftLoraConfig
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from phishgate.core.model import load_causal_lm, load_tokenizer, resolve_base_model
+    from phishgate.core.render import RenderedEmail, encode_prompt
+    from phishgate.core.scoring import TransformersScorer
+    from phishgate.training.metrics import best_f1_threshold, binary_metrics
+
+    config = TrainConfig.model_validate(job["config"])
+    settings = CoreSettings.model_validate(job["settings"])
+    task = get_task(config.task)
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+
+    data_dir = Path(job["data_dir"])
+    train = sample(load_examples(data_dir / "train.jsonl"), config.max_train_examples, config.seed)
+    # Each worker trains on its own shard; dev is scored by every worker, reported by rank 0.
+    train = train[rank :: context.get_world_size()]
+    dev = sample(load_examples(data_dir / "dev.jsonl"), config.max_eval_examples, config.seed)
+
+    base = resolve_base_model(settings)
+    tokenizer = load_tokenizer(base.path)
+    model = load_causal_lm(base.path, **_quantization(config))
+    dataset = Dataset.from_list([featurize(tokenizer, e) for e in train])
+    dev_rendered = [
+        RenderedEmail.from_prompt(encode_prompt(tokenizer, e.prompt_messages), task) for e in dev
+    ]
+    dev_truth = [int(e.label == task.positive_label) for e in dev]
+    history: list[EpochRecord] = []
+    started = time.perf_counter()
+
+    def score_dev(current: torch.nn.Module) -> EpochRecord:
+        was_training = current.training
+        current.eval()
+        scorer = TransformersScorer(current, tokenizer, task, max_batch_size=config.batch_size)
+        scores = np.array([s.score for s in scorer.score_batch(dev_rendered)])
+        current.train(was_training)
+        threshold = best_f1_threshold(dev_truth, scores)
+        m = binary_metrics(dev_truth, scores, threshold)
+        metrics = {
+            "dev_f1": m.f1,
+            "dev_precision": m.precision,
+            "dev_recall": m.recall,
+            "dev_roc_auc": m.roc_auc,
+            "dev_pr_auc": m.pr_auc,
+            "dev_ece": m.ece,
+            "dev_accuracy": m.accuracy,
+        }
+        clean = {k: 0.0 if math.isnan(v) else float(v) for k, v in metrics.items()}
+        return EpochRecord(len(history), clean, threshold, time.perf_counter() - started)
+
+    class EpochEnd(TrainerCallback):  # type: ignore[misc]
+        def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            record = score_dev(kwargs["model"])
+            history.append(record)
+            with tempfile.TemporaryDirectory() as folder:
+                kwargs["model"].save_pretrained(folder)
+                (Path(folder) / HISTORY).write_text(
+                    json.dumps([asdict(r) for r in history], indent=2) + "\n"
+                )
+                checkpoint = ray.train.Checkpoint.from_directory(folder) if rank == 0 else None
+                ray.train.report(
+                    {**record.metrics, "epoch": record.epoch, "threshold": record.threshold},
+                    checkpoint=checkpoint,
+                )
+
+    class StepLog(TrainerCallback):  # type: ignore[misc]
+        """Per-step loss and training tokens/s, on top of the trainer's own progress bar."""
+
+        def __init__(self) -> None:
+            self.last_time = time.perf_counter()
+            self.last_tokens = 0
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+            tokens = int(state.num_input_tokens_seen)
+            elapsed = max(time.perf_counter() - self.last_time, 1e-9)
+            rate = (tokens - self.last_tokens) / elapsed
+            self.last_time, self.last_tokens = time.perf_counter(), tokens
+            if rank == 0 and logs and "loss" in logs:
+                print(
+                    f"step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f} "
+                    f"tokens/s {rate:.0f}",
+                    flush=True,
+                )
+
+    # Epoch 0: the base model on dev, the bar every fine-tune must clear.
+    history.append(score_dev(model))
+    ray.train.report({**history[0].metrics, "epoch": 0, "threshold": history[0].threshold})
+
+    lora = config.lora
+    n_layers = int(model.config.num_hidden_layers)
+    peft_config = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        layers_to_transform=(
+            list(range(n_layers - lora.top_layers, n_layers)) if lora.top_layers else None
+        ),
+        task_type="CAUSAL_LM",
+    )
+    args = SFTConfig(
+        output_dir=str(Path(tempfile.mkdtemp(prefix="phishgate-sft-"))),
+        num_train_epochs=config.epochs,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        warmup_ratio=config.warmup_ratio,
+        lr_scheduler_type="linear",
+        seed=config.seed,
+        gradient_checkpointing=False,
+        bf16=False,
+        use_cpu=not config.use_gpu,
+        logging_steps=1,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        max_length=None,
+        remove_unused_columns=False,
+        include_num_input_tokens_seen=True,
+        dataloader_num_workers=0,
+        disable_tqdm=rank != 0,
+    )
+
+    class AnswerOnlySFTTrainer(SFTTrainer):  # type: ignore[misc]
+        def compute_loss(
+            self, model: Any, inputs: Any, return_outputs: bool = False, **kw: Any
+        ) -> Any:
+            loss = answer_loss(model, inputs)
+            return (loss, None) if return_outputs else loss
+
+    trainer = AnswerOnlySFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        data_collator=LeftPadCollator(tokenizer.pad_token_id or 0),
+        peft_config=peft_config,
+        callbacks=[EpochEnd(), StepLog()],
+    )
+    trainer.train()
+
+
+def _quantization(config: TrainConfig) -> dict[str, Any]:
+    """Model loading arguments for QLoRA (4-bit base) when asked for; CUDA was checked."""
+    if not config.quantize_4bit:
+        return {}
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return {
+        "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    }
