@@ -35,7 +35,7 @@ class CoreSettings(BaseSettings):
     )
     max_input_tokens: int = Field(
         512,
-        ge=64,
+        ge=128,
         le=32768,
         description="Token budget of one rendered email, chat template included.",
     )

@@ -73,7 +73,7 @@ def _split(path: Path, labels: list[str]) -> None:
 def test_data_problems_are_found_before_training(tmp_path: Path) -> None:
     settings = CoreSettings(home=tmp_path / "home")
     config = load_train_config(None, [f"data_dir={tmp_path / 'data'}"])
-    with pytest.raises(ConfigError, match="data_dir: .* has no train.jsonl"):
+    with pytest.raises(ConfigError, match=r"data_dir: .* has no train\.jsonl"):
         check_before_work(config, settings)
     _split(tmp_path / "data" / "train.jsonl", ["legitimate", "spam"])
     _split(tmp_path / "data" / "dev.jsonl", ["legitimate", "spam"])

@@ -154,7 +154,7 @@ def train_worker(job: dict[str, Any]) -> None:
     from trl import SFTConfig, SFTTrainer
 
     from phishgate.core.model import load_causal_lm, load_tokenizer, resolve_base_model
-    from phishgate.core.render import RenderedEmail, encode_prompt
+    from phishgate.core.render import rendered_from_messages
     from phishgate.core.scoring import TransformersScorer
     from phishgate.training.metrics import best_f1_threshold, binary_metrics
 
@@ -176,9 +176,7 @@ def train_worker(job: dict[str, Any]) -> None:
     tokenizer = load_tokenizer(base.path)
     model = load_causal_lm(base.path, **_quantization(config))
     dataset = Dataset.from_list([featurize(tokenizer, e) for e in train])
-    dev_rendered = [
-        RenderedEmail.from_prompt(encode_prompt(tokenizer, e.prompt_messages), task) for e in dev
-    ]
+    dev_rendered = [rendered_from_messages(e.prompt_messages, task, tokenizer) for e in dev]
     dev_truth = [int(e.label == task.positive_label) for e in dev]
     history: list[EpochRecord] = []
     started = time.perf_counter()
@@ -203,7 +201,7 @@ def train_worker(job: dict[str, Any]) -> None:
         clean = {k: 0.0 if math.isnan(v) else float(v) for k, v in metrics.items()}
         return EpochRecord(len(history), clean, threshold, time.perf_counter() - started)
 
-    class EpochEnd(TrainerCallback):  # type: ignore[misc]
+    class EpochEnd(TrainerCallback):
         def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             record = score_dev(kwargs["model"])
             history.append(record)
@@ -218,7 +216,7 @@ def train_worker(job: dict[str, Any]) -> None:
                     checkpoint=checkpoint,
                 )
 
-    class StepLog(TrainerCallback):  # type: ignore[misc]
+    class StepLog(TrainerCallback):
         """Per-step loss and training tokens/s, on top of the trainer's own progress bar."""
 
         def __init__(self) -> None:
@@ -277,7 +275,7 @@ def train_worker(job: dict[str, Any]) -> None:
         disable_tqdm=rank != 0,
     )
 
-    class AnswerOnlySFTTrainer(SFTTrainer):  # type: ignore[misc]
+    class AnswerOnlySFTTrainer(SFTTrainer):
         def compute_loss(
             self, model: Any, inputs: Any, return_outputs: bool = False, **kw: Any
         ) -> Any:
