@@ -181,6 +181,38 @@ def classify(
         raise typer.Exit(failure)
 
 
+@app.command()
+def train(
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="Training YAML, e.g. training/configs/demo.yaml."),
+    ] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a config key: --set epochs=2 --set lora.r=16."),
+    ] = None,
+) -> None:
+    """Train a LoRA adapter with Ray Train, track it in MLflow, register it as challenger."""
+    from phishgate.training.config import load_train_config
+    from phishgate.training.job import run_training
+
+    settings = _settings()
+    job = load_train_config(config, overrides or [])
+    out = Console()
+    outcome = run_training(job, settings, say=out.print)
+    out.print(
+        _grid(
+            ("run", outcome.run_id),
+            ("registered version", outcome.version or "not registered"),
+            ("best epoch", str(outcome.best_epoch)),
+            ("dev F1", f"{outcome.dev_metrics.get('dev_f1', float('nan')):.4f}"),
+            ("threshold", f"{outcome.threshold:.4f}"),
+            ("adapter", str(outcome.adapter_dir)),
+            ("time", f"{outcome.seconds:.0f} s"),
+        )
+    )
+
+
 def _settings() -> CoreSettings:
     """CoreSettings from the environment; ConfigError naming each invalid variable."""
     from pydantic import ValidationError

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
@@ -61,17 +61,23 @@ class CoreSettings(BaseSettings):
         ),
     )
 
+    @field_validator("home")
+    @classmethod
+    def _absolute_home(cls, value: Path) -> Path:
+        # Workers (Ray, spawned engines) run in other folders: pin the folder meant here.
+        return value.expanduser().resolve()
+
     @property
     def tracking_uri(self) -> str:
         """The MLflow URI to use: the configured one, or the embedded SQLite store."""
         if self.mlflow_tracking_uri:
             return self.mlflow_tracking_uri
-        return f"sqlite:///{(self.home / 'mlflow' / 'mlflow.db').resolve()}"
+        return f"sqlite:///{self.home / 'mlflow' / 'mlflow.db'}"
 
     @property
     def artifact_root(self) -> Path:
         """Artifact folder of the embedded store (ignored with a remote tracking server)."""
-        return (self.home / "mlflow" / "artifacts").resolve()
+        return self.home / "mlflow" / "artifacts"
 
     @property
     def model_cache_dir(self) -> Path:

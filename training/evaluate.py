@@ -33,6 +33,8 @@ class Example:
     messages: tuple[dict[str, str], ...]
     lang: str = "unknown"
     n_tokens: int = 0
+    sha256: str = ""
+    """The raw message's SHA-256 as prepared (empty when unknown), to re-find its bytes."""
 
     @property
     def user_text(self) -> str:
@@ -65,6 +67,7 @@ def load_examples(path: Path) -> list[Example]:
                     messages=tuple(row["messages"]),
                     lang=str(row.get("lang") or "unknown"),
                     n_tokens=int(row.get("n_tokens") or 0),
+                    sha256=str(row.get("sha256") or ""),
                 )
             )
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
@@ -131,6 +134,12 @@ def timed_predict(predictor: Predictor, examples: Sequence[Example]) -> tuple[np
     return scores, (1000.0 * elapsed / len(examples)) if examples else math.nan
 
 
+def dev_threshold(predictor: Predictor, dev: Sequence[Example], task: Task) -> float:
+    """The threshold that maximises F1 of `predictor` on `dev`."""
+    dev_scores, _ = timed_predict(predictor, dev)
+    return best_f1_threshold(truth(dev, task), dev_scores)
+
+
 def grade(
     examples: Sequence[Example],
     scores: np.ndarray,
@@ -172,8 +181,7 @@ def evaluate(
     if threshold is not None:
         source = "given"
     elif dev:
-        dev_scores, _ = timed_predict(predictor, dev)
-        threshold, source = best_f1_threshold(truth(dev, task), dev_scores), "best F1 on dev"
+        threshold, source = dev_threshold(predictor, dev, task), "best F1 on dev"
     else:
         threshold, source = 0.5, "default 0.5"
     scores, latency = timed_predict(predictor, examples)

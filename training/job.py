@@ -126,16 +126,16 @@ def run_training(
     config: TrainConfig, settings: CoreSettings, *, say: Say = print
 ) -> TrainingOutcome:
     """Train, track and register one adapter; see the module docstring."""
-    import mlflow
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from phishgate.training.ray_cluster import connect, ray_state_dir
 
     data_dir = check_before_work(config, settings)
     base = resolve_base_model(settings)
     started = time.perf_counter()
     say(connect(settings))
+
+    import mlflow
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
     client = mlflow_client(settings)
     experiment = experiment_id(client, settings)
     storage = config.storage_path or str(ray_state_dir(settings) / "results")

@@ -258,7 +258,7 @@ def train_worker(job: dict[str, Any]) -> None:
         gradient_accumulation_steps=config.gradient_accumulation,
         learning_rate=config.learning_rate,
         weight_decay=config.weight_decay,
-        warmup_ratio=config.warmup_ratio,
+        warmup_steps=config.warmup_ratio,  # a float below 1 is a ratio of all steps
         lr_scheduler_type="linear",
         seed=config.seed,
         gradient_checkpointing=False,

@@ -1,0 +1,114 @@
+"""Training smoke test: a few LoRA steps through Ray Train, tracked and registered in MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from phishgate.core.settings import CoreSettings
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(
+    tmp_path_factory: pytest.TempPathFactory, prepared_model: Any, tiny_dataset: Path
+) -> Any:
+    from phishgate.training.config import load_train_config
+    from phishgate.training.job import run_training
+    from phishgate.training.ray_cluster import disconnect
+
+    home = tmp_path_factory.mktemp("train-home")
+    (home / "models").symlink_to(prepared_model.path.parent, target_is_directory=True)
+    settings = CoreSettings(home=home, max_input_tokens=256)
+    config = load_train_config(
+        None,
+        [
+            f"data_dir={tiny_dataset}",
+            "batch_size=4",
+            "epochs=1",
+            "learning_rate=1e-3",
+            "lora.r=4",
+            "lora.top_layers=2",
+        ],
+    )
+    try:
+        outcome = run_training(config, settings, say=lambda _: None)
+    finally:
+        disconnect()
+    return settings, outcome
+
+
+def test_a_version_is_registered_as_challenger(trained: Any) -> None:
+    from phishgate.core.registry import list_versions, mlflow_client
+
+    settings, outcome = trained
+    versions = list_versions(mlflow_client(settings), "phishing")
+    assert [(v.version, v.aliases) for v in versions] == [("1", ("challenger",))]
+    assert outcome.version == "1"
+    assert float(versions[0].tags["metric.dev_f1"]) == pytest.approx(
+        outcome.dev_metrics["dev_f1"], abs=1e-4
+    )
+
+
+def test_the_run_has_params_and_per_epoch_metrics(trained: Any) -> None:
+    from phishgate.core.registry import mlflow_client
+
+    settings, outcome = trained
+    client = mlflow_client(settings)
+    run = client.get_run(outcome.run_id)
+    assert run.data.params["lora.r"] == "4" and run.data.params["max_input_tokens"] == "256"
+    assert run.data.tags["git_commit"]
+    epochs = [m.step for m in client.get_metric_history(outcome.run_id, "dev_f1")]
+    assert epochs == [0, 1]  # the base model before training, then the epoch
+
+
+def test_the_registered_adapter_describes_itself_and_only_lora_weights_changed(
+    trained: Any, prepared_model: Any
+) -> None:
+    from safetensors.torch import load_file
+
+    from phishgate.core.model import hash_safetensors_weights
+    from phishgate.core.registry import resolve_adapter
+    from phishgate.core.tasks import PROMPT_VERSION
+
+    settings, _ = trained
+    resolved = resolve_adapter(
+        settings, "models:/phishgate-phishing@challenger", settings.home / "cache"
+    )
+    manifest = resolved.manifest
+    assert manifest.base_weights_hash == prepared_model.weights_hash
+    assert manifest.prompt_version == PROMPT_VERSION
+    assert manifest.max_input_tokens == 256
+    assert 0.0 <= manifest.threshold <= 1.0
+    assert {"dev_f1", "base_dev_f1"} <= set(manifest.metrics)
+
+    weights = load_file(str(resolved.path / "adapter_model.safetensors"))
+    assert weights and all("lora_" in name for name in weights)
+    lora_b = [t for name, t in weights.items() if "lora_B" in name]
+    assert lora_b and all(t.abs().sum() > 0 for t in lora_b)  # B starts at zero
+    layers = {int(name.split("layers.")[1].split(".")[0]) for name in weights}
+    assert layers == {28, 29}  # top_layers=2 of 30
+    # The base checkpoint on disk is untouched by training.
+    assert hash_safetensors_weights(prepared_model.path) == prepared_model.weights_hash
+
+
+def test_the_registered_adapter_reloads_and_scores_differently_from_the_base(
+    trained: Any, tiny_dataset: Path
+) -> None:
+    from phishgate.core.tasks import get_task
+    from phishgate.training.evaluate import load_examples
+    from phishgate.training.predictors import load_llm_predictor
+
+    settings, _ = trained
+    task = get_task("phishing")
+    examples = load_examples(tiny_dataset / "test.jsonl")[:4]
+    adapter, manifest = load_llm_predictor(settings, task, "models:/phishgate-phishing@challenger")
+    base, _ = load_llm_predictor(settings, task)
+    tuned_scores, base_scores = adapter.predict(examples), base.predict(examples)
+    assert manifest is not None
+    assert np.all((tuned_scores >= 0) & (tuned_scores <= 1))
+    assert np.max(np.abs(tuned_scores - base_scores)) > 1e-3
