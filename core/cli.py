@@ -213,6 +213,201 @@ def train(
     )
 
 
+data_app = typer.Typer(
+    help="Labelled mail: prepare leak-free train/dev/test splits, audit source shortcuts.",
+    no_args_is_help=True,
+)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("prepare")
+def data_prepare(
+    config: Annotated[
+        Path | None, typer.Option(help="Data config YAML (default: the shipped default.yaml).")
+    ] = None,
+    task: Annotated[str | None, typer.Option(help="Task, overriding the config's.")] = None,
+    source: Annotated[
+        list[str] | None,
+        typer.Option(help="Add or replace a source: NAME=PATH:LABEL[:FORMAT] (repeatable)."),
+    ] = None,
+    data_root: Annotated[
+        Path | None, typer.Option(help="Folder the config's relative source paths start from.")
+    ] = None,
+    holdout: Annotated[
+        list[str] | None,
+        typer.Option(help="Source or corpus written only to holdout.jsonl (repeatable)."),
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the split.")] = None,
+    max_per_source: Annotated[
+        int | None, typer.Option(min=1, help="Read at most N messages per source.")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder (default: <home>/data/<task>).")
+    ] = None,
+) -> None:
+    """Render labelled mail through the one renderer, dedupe, split by campaign, write a card."""
+    from phishgate.core.model import load_tokenizer
+    from phishgate.training.data import prepare_dataset
+    from phishgate.training.sources import (
+        DEFAULT_CONFIG,
+        load_data_config,
+        parse_source_override,
+    )
+
+    settings = _settings()
+    data_config = load_data_config(
+        config or DEFAULT_CONFIG,
+        task=task,
+        data_root=data_root,
+        sources=[parse_source_override(spec) for spec in source or []],
+        holdout_sources=holdout or None,
+        seed=seed,
+        max_per_source=max_per_source,
+    )
+    prepared, _ = _prepare(settings)
+    with _quiet_libraries():
+        tokenizer = load_tokenizer(prepared.path)
+    result = prepare_dataset(data_config, settings, tokenizer, out_dir=out)
+    card = result.card
+    table = Table(title=f"{card['task']} · {card['prompt_version']} · {result.out_dir}")
+    for column in ("split", "messages", *card["labels"], "tokens p95", "truncated", "sha256"):
+        table.add_column(column)
+    for split, info in card["splits"].items():
+        table.add_row(
+            split,
+            str(info["count"]),
+            *(str(info["labels"][label]) for label in card["labels"]),
+            str(info["tokens"]["p95"]),
+            f"{info['tokens']['truncated_fraction']:.1%}",
+            info["sha256"][:12],
+        )
+    out_console = Console()
+    out_console.print(table)
+    totals, dupes = card["totals"], card["duplicates"]
+    out_console.print(
+        _grid(
+            ("read", str(totals["read"])),
+            ("skipped", str(totals["skipped"])),
+            (
+                "duplicates",
+                f"{dupes['exact_raw'] + dupes['exact_text']} exact, {dupes['near_removed']} near",
+            ),
+            ("time", f"{card['timing']['total_s']} s"),
+            ("card", str(result.out_dir / "card.md")),
+        )
+    )
+    err = Console(file=sys.stderr, highlight=False)
+    for warning in card["warnings"]:
+        err.print(f"[yellow]warning:[/yellow] {escape(warning)}", soft_wrap=True)
+
+
+@data_app.command("audit")
+def data_audit(
+    task: Annotated[str, typer.Option(help="Task whose prepared dataset to audit.")] = "phishing",
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Prepared dataset folder (default: <home>/data/<task>).")
+    ] = None,
+) -> None:
+    """Can a TF-IDF classifier tell the sources apart? Writes audit.json and audit.md."""
+    from phishgate.training.audit import audit_sources, load_audit_records, write_audit
+
+    folder = data_dir or _settings().home / "data" / task
+    records = load_audit_records(folder)
+    with Console(file=sys.stderr).status("fitting TF-IDF + logistic regression probes"):
+        report = audit_sources(records)
+    paths = write_audit(report, folder)
+    table = Table(title=f"shortcut audit · {folder}")
+    for column in ("probe", "classes", "eval", "accuracy", "majority baseline", "balanced"):
+        table.add_column(column)
+    for probe in report.probes:
+        table.add_row(
+            probe.name,
+            str(len(probe.classes)),
+            str(probe.n_eval),
+            f"{probe.accuracy:.3f}",
+            f"{probe.baseline_accuracy:.3f}",
+            f"{probe.balanced_accuracy:.3f}",
+        )
+    Console().print(table)
+    Console().print(f"report: {escape(str(paths['md']))}")
+
+
+registry_app = typer.Typer(
+    help="Adapters in the MLflow registry: versions, aliases, promotion.", no_args_is_help=True
+)
+app.add_typer(registry_app, name="registry")
+
+
+@registry_app.command("list")
+def registry_list(
+    task: Annotated[str, typer.Argument(help="Task: phishing or spam.")] = "phishing",
+) -> None:
+    """Versions of `phishgate-<task>` with their aliases and recorded dev metrics."""
+    from phishgate.core.registry import list_versions, mlflow_client, model_name, version_metrics
+
+    versions = list_versions(mlflow_client(_settings()), task)
+    table = Table(title=model_name(task))
+    for column in ("version", "aliases", "dev F1", "dev ECE", "base F1", "threshold", "base model"):
+        table.add_column(column)
+    for v in versions:
+        metrics = version_metrics(v)
+        table.add_row(
+            v.version,
+            ", ".join(v.aliases),
+            _metric(metrics.get("dev_f1")),
+            _metric(metrics.get("dev_ece")),
+            _metric(metrics.get("base_dev_f1")),
+            v.tags.get("threshold", ""),
+            v.tags.get("base_model", ""),
+        )
+    Console().print(table)
+
+
+@registry_app.command("promote")
+def registry_promote(
+    task: Annotated[str, typer.Argument(help="Task: phishing or spam.")] = "phishing",
+    f1_margin: Annotated[
+        float, typer.Option(help="How much lower the challenger's F1 may be.")
+    ] = 0.0,
+    ece_margin: Annotated[float, typer.Option(help="How much higher its ECE may be.")] = 0.01,
+    limit: Annotated[
+        int | None, typer.Option(help="Score a seeded sample of each set (faster).")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Promote even if the gate fails (recorded).")] = False,
+) -> None:
+    """Compare @challenger with @champion on test and holdout; move @champion if it passes."""
+    from phishgate.training.promotion import promote
+
+    report = promote(
+        _settings(), task, limit=limit, f1_margin=f1_margin, ece_margin=ece_margin, force=force
+    )
+    table = Table(
+        title=f"challenger v{report.challenger_version} vs champion "
+        f"{'v' + report.champion_version if report.champion_version else '(none)'}"
+    )
+    table.add_column("set")
+    for alias in report.metrics:
+        table.add_column(f"{alias} F1")
+        table.add_column(f"{alias} ECE")
+    sets = sorted({name for per_set in report.metrics.values() for name in per_set})
+    for name in sets:
+        row = [name]
+        for per_set in report.metrics.values():
+            values = per_set.get(name, {})
+            row += [_metric(values.get("f1")), _metric(values.get("ece"))]
+        table.add_row(*row)
+    out = Console()
+    out.print(table)
+    for reason in report.decision.reasons:
+        out.print(f"- {escape(reason)}")
+    verdict = "promoted to @champion" if report.decision.promote else "not promoted"
+    out.print(f"[bold]{verdict}[/bold]" + (" (forced)" if report.decision.forced else ""))
+
+
+def _metric(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+
 def _settings() -> CoreSettings:
     """CoreSettings from the environment; ConfigError naming each invalid variable."""
     from pydantic import ValidationError

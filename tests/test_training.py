@@ -112,3 +112,31 @@ def test_the_registered_adapter_reloads_and_scores_differently_from_the_base(
     assert manifest is not None
     assert np.all((tuned_scores >= 0) & (tuned_scores <= 1))
     assert np.max(np.abs(tuned_scores - base_scores)) > 1e-3
+
+
+def test_first_promotion_makes_the_challenger_champion_and_records_it(
+    trained: Any, tiny_dataset: Path
+) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from phishgate.core.cli import app
+    from phishgate.core.registry import list_versions, mlflow_client
+    from phishgate.training.promotion import promote
+
+    settings, _ = trained
+    report = promote(settings, "phishing", data_dir=tiny_dataset)
+    assert report.decision.promote and not report.decision.forced
+    assert report.champion_version is None and set(report.metrics["challenger"]) == {"test"}
+    [version] = list_versions(mlflow_client(settings), "phishing")
+    assert version.aliases == ("challenger", "champion")
+    assert json.loads(version.tags["promotion"])["promoted"] is True
+
+    listed = CliRunner().invoke(
+        app,
+        ["registry", "list", "phishing"],
+        env={"PHISHGATE_HOME": str(settings.home), "COLUMNS": "200"},
+    )
+    assert listed.exit_code == 0, listed.output
+    assert "challenger, champion" in listed.output

@@ -7,9 +7,14 @@ margin, and not worse calibrated (ECE), on every set both were measured on.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from phishgate.core.settings import CoreSettings
 
 
 @dataclass(frozen=True)
@@ -60,3 +65,89 @@ def decide_promotion(
 def _value(metrics: Mapping[str, float | None], key: str) -> float:
     value = metrics.get(key)
     return 0.0 if value is None or math.isnan(value) else float(value)
+
+
+@dataclass(frozen=True)
+class PromotionReport:
+    decision: Decision
+    challenger_version: str
+    champion_version: str | None
+    metrics: dict[str, dict[str, dict[str, float | None]]]
+    """{"challenger" | "champion": {set name: {metric: value}}}"""
+
+
+def promote(
+    settings: CoreSettings,
+    task_name: str,
+    *,
+    data_dir: Path | None = None,
+    limit: int | None = None,
+    f1_margin: float = 0.0,
+    ece_margin: float = 0.01,
+    force: bool = False,
+) -> PromotionReport:
+    """Evaluate `challenger` and `champion` on the same sets, decide, move the alias.
+
+    The sets are the test split and, when prepared, the leave-one-source-out holdout,
+    each scored at the adapter's own threshold. The decision is recorded as a tag on
+    the challenger version (and the champion alias moved when it passes or is forced).
+    """
+    from phishgate.core.errors import ConfigError
+    from phishgate.core.registry import (
+        CHALLENGER,
+        CHAMPION,
+        list_versions,
+        mlflow_client,
+        model_name,
+    )
+    from phishgate.core.tasks import get_task
+    from phishgate.training.evaluate import evaluate, load_examples
+    from phishgate.training.predictors import load_llm_predictor
+    from phishgate.training.sft import sample
+
+    task = get_task(task_name)
+    client = mlflow_client(settings)
+    versions = {alias: v.version for v in list_versions(client, task.name) for alias in v.aliases}
+    if CHALLENGER not in versions:
+        raise ConfigError(f"{model_name(task.name)} has no @{CHALLENGER}; train one first")
+    folder = data_dir or settings.home / "data" / task.name
+    sets = {
+        name: sample(load_examples(folder / f"{name}.jsonl"), limit, seed=0)
+        for name in ("test", "holdout")
+        if (folder / f"{name}.jsonl").is_file()
+    }
+    if not sets:
+        raise ConfigError(f"no test split in {folder}; run `phishgate data prepare`")
+    measured: dict[str, dict[str, dict[str, float | None]]] = {}
+    for alias in (CHALLENGER, CHAMPION):
+        if alias not in versions:
+            continue
+        uri = f"models:/{model_name(task.name)}@{alias}"
+        predictor, manifest = load_llm_predictor(settings, task, uri)
+        assert manifest is not None  # an adapter always has one
+        measured[alias] = {}
+        for name, examples in sets.items():
+            report, _ = evaluate(
+                predictor, examples, task, split=name, threshold=manifest.threshold
+            )
+            measured[alias][name] = {"f1": report.metrics.f1, "ece": report.metrics.ece}
+    decision = decide_promotion(
+        measured[CHALLENGER],
+        measured.get(CHAMPION),
+        f1_margin=f1_margin,
+        ece_margin=ece_margin,
+        force=force,
+    )
+    name = model_name(task.name)
+    challenger = versions[CHALLENGER]
+    record = {
+        "promoted": decision.promote,
+        "forced": decision.forced,
+        "against": versions.get(CHAMPION),
+        "reasons": decision.reasons,
+        "at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    client.set_model_version_tag(name, challenger, "promotion", json.dumps(record))
+    if decision.promote:
+        client.set_registered_model_alias(name, CHAMPION, challenger)
+    return PromotionReport(decision, challenger, versions.get(CHAMPION), measured)
