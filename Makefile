@@ -4,7 +4,7 @@
 PYTHON  ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
-EXTRAS  ?= dev
+EXTRAS  ?= dev,train
 STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)-$(EXTRAS)
 PROTOS  := $(wildcard proto/phishgate/v1/*.proto)
 STUBS   := $(PROTOS:.proto=_pb2.py)
@@ -30,7 +30,17 @@ proto/phishgate/v1/%_pb2.py: proto/phishgate/v1/%.proto $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto \
 		--grpc_python_out=proto $<
 
-lint: install
+# mypy cannot follow setuptools' package-dir mapping: give it a view of the namespace.
+TYPECHECK_VIEW := build/typecheck/phishgate
+$(TYPECHECK_VIEW):
+	mkdir -p $@
+	ln -sfn ../../../core $@/core
+	ln -sfn ../../../proto/phishgate/v1 $@/v1
+	ln -sfn ../../../services/classifier $@/classifier
+	ln -sfn ../../../services/milter $@/milter
+	ln -sfn ../../../training $@/training
+
+lint: install $(TYPECHECK_VIEW)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy

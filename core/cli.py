@@ -116,29 +116,41 @@ def classify(
     ] = False,
     max_tokens: Annotated[
         int | None,
-        typer.Option(min=64, help="Token budget per email (default: PHISHGATE_MAX_INPUT_TOKENS)."),
+        typer.Option(
+            min=128,
+            help="Token budget per email (default: the adapter's, else the setting).",
+        ),
+    ] = None,
+    adapter: Annotated[
+        str | None,
+        typer.Option(help="LoRA adapter: a folder or models:/phishgate-<task>@<alias>."),
     ] = None,
 ) -> None:
-    """Score emails with the zero-shot base model (prepared first if needed).
+    """Score emails with the base model (zero-shot) or base + a LoRA adapter.
 
-    A file that cannot be read or is not an email gets a one-line error on stderr; the
-    others are still scored, and the exit code is non-zero.
+    The base model is prepared first if needed. With an adapter, its own threshold and
+    token budget apply. A file that cannot be read or is not an email gets a one-line
+    error on stderr; the others are still scored, and the exit code is non-zero.
     """
     from phishgate.core.tasks import get_task
 
     settings = _settings()
     chosen = get_task(task)
-    budget = max_tokens or settings.max_input_tokens
 
-    from phishgate.core.model import load_causal_lm, load_tokenizer
+    from phishgate.core.registry import load_scoring_model
     from phishgate.core.render import render_email
     from phishgate.core.scoring import TransformersScorer
 
-    prepared, _ = _prepare(settings)
+    _prepare(settings)
     with _quiet_libraries():
-        tokenizer = load_tokenizer(prepared.path)
-        model = load_causal_lm(prepared.path, threads=settings.torch_threads)
-    scorer = TransformersScorer(model, tokenizer, chosen)
+        loaded = load_scoring_model(settings, adapter)
+    manifest = loaded.adapter.manifest if loaded.adapter else None
+    if manifest is not None and manifest.task != chosen.name:
+        raise ConfigError(f"adapter {adapter} is for task {manifest.task!r}, not {chosen.name!r}")
+    budget = max_tokens or (manifest.max_input_tokens if manifest else settings.max_input_tokens)
+    threshold = manifest.threshold if manifest else 0.5
+    tokenizer = loaded.tokenizer
+    scorer = TransformersScorer(loaded.model, tokenizer, chosen)
 
     failure = 0
     paths: list[Path] = []
@@ -158,13 +170,13 @@ def classify(
             continue
         paths.append(path)
 
-    scores = scorer.score_batch(rendered) if rendered else []
+    scores = scorer.score_batch(rendered, threshold) if rendered else []
     if json_lines:
         for path, score in zip(paths, scores, strict=True):
-            record = {"file": str(path), "task": chosen.name, "model": prepared.short_id}
+            record = {"file": str(path), "task": chosen.name, "model": loaded.name}
             typer.echo(json.dumps({**record, **dataclasses.asdict(score)}))
     elif scores:
-        table = Table(title=f"{chosen.name} · zero-shot {prepared.short_id}")
+        table = Table(title=f"{chosen.name} · {loaded.name} · threshold {threshold:.3f}")
         table.add_column("file", overflow="fold")
         for column in ("label", f"P({chosen.positive_label})", "tokens", "truncated"):
             table.add_column(column, no_wrap=True)

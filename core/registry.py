@@ -213,3 +213,43 @@ def version_metrics(info: VersionInfo) -> dict[str, Any]:
     return {
         k.removeprefix("metric."): float(v) for k, v in info.tags.items() if k.startswith("metric.")
     }
+
+
+@dataclass
+class ScoringModel:
+    """A base model, optionally with one adapter applied, ready to score."""
+
+    model: Any
+    tokenizer: Any
+    base_short_id: str
+    adapter: ResolvedAdapter | None
+
+    @property
+    def name(self) -> str:
+        if self.adapter is None:
+            return f"zero-shot {self.base_short_id}"
+        return f"{self.adapter.ref.name} v{self.adapter.ref.version}"
+
+
+def load_scoring_model(settings: CoreSettings, adapter: str | None = None) -> ScoringModel:
+    """The prepared base model, plus `adapter` (a folder or `models:/` URI) when given.
+
+    The adapter must describe itself and match the base model and prompt version
+    (AdapterMismatch otherwise, before any weights are loaded).
+    """
+    from phishgate.core.adapters import check_compatible
+    from phishgate.core.model import load_causal_lm, load_tokenizer, resolve_base_model
+
+    base = resolve_base_model(settings)
+    resolved = None
+    if adapter is not None:
+        resolved = resolve_adapter(settings, adapter, settings.home / "adapter-cache")
+        check_compatible(resolved.manifest, base_weights_hash=base.weights_hash)
+    tokenizer = load_tokenizer(base.path)
+    model = load_causal_lm(base.path, threads=settings.torch_threads)
+    if resolved is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(resolved.path))
+        model.eval()
+    return ScoringModel(model, tokenizer, base.short_id, resolved)

@@ -136,6 +136,7 @@ def run_training(
     import mlflow
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
     client = mlflow_client(settings)
     experiment = experiment_id(client, settings)
     storage = config.storage_path or str(ray_state_dir(settings) / "results")

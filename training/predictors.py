@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from phishgate.core.adapters import AdapterManifest, check_compatible
+from phishgate.core.adapters import AdapterManifest
 from phishgate.core.settings import CoreSettings
 from phishgate.core.tasks import Task
 from phishgate.training.baseline import TfidfBaseline
@@ -88,28 +88,12 @@ def load_llm_predictor(
     batch_size: int = 8,
     progress: Progress | None = None,
 ) -> tuple[LLMPredictor, AdapterManifest | None]:
-    """The base model (zero-shot) or base + adapter (a folder or a `models:/` URI).
+    """The base model (zero-shot) or base + adapter (a folder or a `models:/` URI); the
+    adapter's manifest is returned too, for its threshold."""
+    from phishgate.core.registry import load_scoring_model
 
-    The adapter must describe itself and match the base model and prompt version
-    (AdapterMismatch otherwise); its manifest is returned for its threshold.
-    """
-    from phishgate.core.model import load_causal_lm, load_tokenizer, resolve_base_model
-    from phishgate.core.registry import resolve_adapter
-
-    base = resolve_base_model(settings)
-    tokenizer = load_tokenizer(base.path)
-    model = load_causal_lm(base.path, threads=settings.torch_threads)
-    if adapter is None:
-        name = f"zero-shot {base.short_id}"
-        return LLMPredictor(
-            name, model, tokenizer, task, batch_size=batch_size, progress=progress
-        ), None
-    resolved = resolve_adapter(settings, adapter, settings.home / "adapter-cache")
-    check_compatible(resolved.manifest, base_weights_hash=base.weights_hash)
-    from peft import PeftModel
-
-    model = PeftModel.from_pretrained(model, str(resolved.path))
-    model.eval()
-    name = f"{resolved.ref.name} v{resolved.ref.version}"
-    predictor = LLMPredictor(name, model, tokenizer, task, batch_size=batch_size, progress=progress)
-    return predictor, resolved.manifest
+    loaded = load_scoring_model(settings, adapter)
+    predictor = LLMPredictor(
+        loaded.name, loaded.model, loaded.tokenizer, task, batch_size=batch_size, progress=progress
+    )
+    return predictor, loaded.adapter.manifest if loaded.adapter else None
