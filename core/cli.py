@@ -24,7 +24,15 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from phishgate.core.errors import ConfigError, InvalidMessage, ModelNotPrepared, PhishgateError
+from phishgate.core.errors import (
+    AdapterMismatch,
+    AdapterNotFound,
+    ConfigError,
+    EngineUnavailable,
+    InvalidMessage,
+    ModelNotPrepared,
+    PhishgateError,
+)
 
 if TYPE_CHECKING:
     from phishgate.core.model import PreparedModel
@@ -35,8 +43,11 @@ if TYPE_CHECKING:
 EX_DATAERR, EX_NOINPUT, EX_UNAVAILABLE, EX_CONFIG = 65, 66, 69, 78
 _EXIT_CODES: dict[type[PhishgateError], int] = {
     InvalidMessage: EX_DATAERR,
+    AdapterNotFound: EX_NOINPUT,
     ModelNotPrepared: EX_UNAVAILABLE,
+    EngineUnavailable: EX_UNAVAILABLE,
     ConfigError: EX_CONFIG,
+    AdapterMismatch: EX_CONFIG,
 }
 
 
@@ -342,6 +353,108 @@ def data_audit(
         )
     Console().print(table)
     Console().print(f"report: {escape(str(paths['md']))}")
+
+
+@app.command("eval")
+def eval_command(
+    task: Annotated[str, typer.Option(help="Task: phishing or spam.")] = "phishing",
+    predictor: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--predictor",
+            "-p",
+            help="zero-shot, tfidf or adapter; repeat for several (default: zero-shot, tfidf).",
+        ),
+    ] = None,
+    adapter: Annotated[
+        str | None,
+        typer.Option(help="Adapter folder or models:/name@alias; adds the adapter predictor."),
+    ] = None,
+    split: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--split", help="Split to grade; repeat (default: test and holdout; none with --mail)."
+        ),
+    ] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Prepared dataset (default: <home>/data/<task>).")
+    ] = None,
+    mail: Annotated[
+        str | None,
+        typer.Option(help="Also grade this mail: .eml file or folder, maildir, mbox, CSV, glob."),
+    ] = None,
+    label: Annotated[
+        str | None, typer.Option(help="Label of every --mail message (a CSV may carry its own).")
+    ] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option(min=1, help="Grade a seeded sample of each split, stratified by label."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the --limit samples.")] = 0,
+    robustness: Annotated[
+        bool | None,
+        typer.Option(
+            "--robustness/--no-robustness",
+            help="Adversarial edits of test's phishing messages (default: on; off with --mail).",
+        ),
+    ] = None,
+    robustness_limit: Annotated[
+        int | None,
+        typer.Option(min=1, help="Phishing messages in the robustness suite (default: --limit)."),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Report folder (default: <home>/reports/eval-<task>-<UTC time>)."),
+    ] = None,
+) -> None:
+    """Grade predictors on the prepared splits (and on --mail); write reports and a summary."""
+    from datetime import UTC, datetime
+
+    from rich.markdown import Markdown
+
+    from phishgate.core.tasks import get_task
+    from phishgate.training.eval_run import examples_from_mail, run_eval
+    from phishgate.training.evaluate import Example
+
+    settings = _settings()
+    chosen_task = get_task(task)
+    chosen = list(predictor or (["adapter"] if adapter else ["zero-shot", "tfidf"]))
+    if adapter and "adapter" not in chosen:
+        chosen.append("adapter")
+    if label is not None and mail is None:
+        raise typer.BadParameter("--label needs --mail", param_hint="--label")
+    prepared, _ = _prepare(settings)
+    examples: list[Example] = []
+    if mail is not None:
+        from phishgate.core.model import load_tokenizer
+
+        with _quiet_libraries():
+            tokenizer = load_tokenizer(prepared.path)
+        examples, skipped = examples_from_mail(
+            mail, label, chosen_task, tokenizer, settings.max_input_tokens
+        )
+        for item in skipped:
+            _error(f"{item.id}: skipped: {item.reason}")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    err = Console(file=sys.stderr, highlight=False)  # bound now: _quiet_libraries swaps it
+    with _quiet_libraries():
+        summary = run_eval(
+            settings,
+            chosen_task.name,
+            data_dir=data_dir or settings.home / "data" / chosen_task.name,
+            out_dir=out or settings.home / "reports" / f"eval-{chosen_task.name}-{stamp}",
+            splits=tuple(split) if split is not None else (() if mail else ("test", "holdout")),
+            predictors=chosen,
+            adapter=adapter,
+            limit=limit,
+            seed=seed,
+            robustness=robustness if robustness is not None else mail is None,
+            robustness_limit=robustness_limit,
+            mail=examples,
+            progress=lambda line: err.print(f"[dim]{line}[/dim]"),
+        )
+    Console().print(Markdown(summary.markdown()))
+    Console().print(f"reports: {summary.out_dir}")
 
 
 registry_app = typer.Typer(

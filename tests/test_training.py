@@ -140,3 +140,31 @@ def test_first_promotion_makes_the_challenger_champion_and_records_it(
     )
     assert listed.exit_code == 0, listed.output
     assert "challenger, champion" in listed.output
+
+
+def test_classify_uses_the_adapter_and_refuses_the_wrong_task(trained: Any) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from phishgate.core.cli import EX_CONFIG, EX_NOINPUT
+
+    settings, _ = trained
+    email = settings.home / "mail.eml"
+    email.write_bytes(b"From: IT <it@quota.example>\r\nSubject: Quota\r\n\r\nClick here now.\r\n")
+    cli = Path(sys.executable).parent / "phishgate"
+    env = {**os.environ, "PHISHGATE_HOME": str(settings.home), "COLUMNS": "200"}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(cli), "classify", *args, str(email)], capture_output=True, text=True, env=env
+        )
+
+    uri = "models:/phishgate-phishing@champion"
+    ok = run("--json", "--adapter", uri)
+    assert ok.returncode == 0, ok.stderr
+    assert '"model": "phishgate-phishing v1"' in ok.stdout
+    wrong = run("--task", "spam", "--adapter", uri)
+    assert wrong.returncode == EX_CONFIG and "is for task 'phishing'" in wrong.stderr
+    missing = run("--adapter", "models:/phishgate-phishing@nope")
+    assert missing.returncode == EX_NOINPUT and "does not exist" in missing.stderr
