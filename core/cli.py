@@ -184,7 +184,12 @@ def classify(
     scores = scorer.score_batch(rendered, threshold) if rendered else []
     if json_lines:
         for path, score in zip(paths, scores, strict=True):
-            record = {"file": str(path), "task": chosen.name, "model": loaded.name}
+            record = {
+                "file": str(path),
+                "task": chosen.name,
+                "model": loaded.base_short_id,
+                "adapter": loaded.name if loaded.adapter else None,
+            }
             typer.echo(json.dumps({**record, **dataclasses.asdict(score)}))
     elif scores:
         table = Table(title=f"{chosen.name} · {loaded.name} · threshold {threshold:.3f}")

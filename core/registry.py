@@ -10,6 +10,7 @@ the state folder; a tracking server is a setting (`MLFLOW_TRACKING_URI`).
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from phishgate.core.settings import CoreSettings
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 EXPERIMENT = "phishgate"
@@ -67,8 +69,15 @@ def mlflow_client(settings: CoreSettings) -> MlflowClient:
 
     if not settings.mlflow_tracking_uri:
         settings.artifact_root.mkdir(parents=True, exist_ok=True)
+    # MLflow exports the URI into os.environ for its subprocesses; undo that, or the next
+    # CoreSettings read in this process would take it for the user's MLFLOW_TRACKING_URI.
+    exported = os.environ.get(TRACKING_URI_ENV)
     mlflow.set_tracking_uri(settings.tracking_uri)
     mlflow.set_registry_uri(settings.tracking_uri)
+    if exported is None:
+        os.environ.pop(TRACKING_URI_ENV, None)
+    else:
+        os.environ[TRACKING_URI_ENV] = exported
     return MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
 
 

@@ -14,7 +14,11 @@ a compact, deterministic layout of sender-side content only (invariant 2):
     Dear <recipient>, ...
 
 Reply-To appears only when it differs from From; Attachments and Links only when there
-are some. Changing this layout changes what adapters were trained on: bump
+are some. Addresses may read `<recipient>` (the recipient's own, e.g. a From spoofing the
+victim's address) or `<mailing-list>` (a list the message was sent to; a From that a list
+rewrote to itself shows the author's name, and address where the list kept it); what
+lists add (footers, subject tags) is already gone (`phishgate.core.mime`). Changing this
+layout, or what `parse_email` keeps, changes what adapters were trained on: bump
 `phishgate.core.tasks.PROMPT_VERSION`.
 """
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from phishgate.core.errors import ConfigError
 
-PROMPT_VERSION = "pg-prompt-1"
+PROMPT_VERSION = "pg-prompt-2"
 
 
 @dataclass(frozen=True)

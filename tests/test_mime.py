@@ -21,6 +21,8 @@ from hypothesis import strategies as st
 from phishgate.core.errors import InvalidMessage
 from phishgate.core.html_text import html_to_text
 from phishgate.core.mime import (
+    ARCHIVE_SCRUBBED,
+    LIST_PLACEHOLDER,
     MAX_LINKS,
     RECIPIENT_PLACEHOLDER,
     Attachment,
@@ -97,7 +99,7 @@ def test_plain_message_fields() -> None:
             "Microsoft account team",
             ("no-reply@ms-secure.example"),
         ),
-        ("jane at example.org (Jane Doe)", "jane at example.org (Jane Doe)", ""),
+        ("jane at example.org (Jane Doe)", "Jane Doe", "jane@example.org"),  # list archives
         ("undisclosed-recipients:;", "undisclosed-recipients:;", ""),
     ],
 )
@@ -203,6 +205,308 @@ def test_addresses_without_a_dotted_domain_are_masked() -> None:
     assert parsed.from_domain == ""
     assert parsed.subject == f"FW: mail for {p}"
     assert parsed.body_text == f"This message was mailed to {p}. Width: {p}; keep a@b.example"
+
+
+# --- mailing lists, list archives and anonymised corpora ------------------------------
+# What a list or an archive adds must not tell the model which list (or corpus) carried a
+# message; what the sender wrote, unsubscribe text of newsletters and phishing included,
+# stays.
+
+RULE = "_" * 47  # mailman's
+LIST_HEADERS = (
+    "List-Id: Some list for testing <some-list.lists.example.org>",
+    "List-Post: <mailto:some-list@lists.example.org>",
+    "X-BeenThere: some-list@lists.example.org",
+)
+MAILMAN_FOOTER = (
+    f"{RULE}\nSome-list mailing list\nsome-list@lists.example.org\n"
+    "https://lists.example.org/mailman/listinfo/some-list"
+)
+
+
+def list_message(*headers: str, body: str, subject: str = "Help with drivers") -> bytes:
+    return message(
+        'From: "Jane Roe" <jane@home.example>',
+        "To: some-list@lists.example.org",
+        f"Subject: {subject}",
+        *LIST_HEADERS,
+        *headers,
+        body=body,
+    )
+
+
+def test_mailman_footer_and_its_quoted_copies_are_taken_out() -> None:
+    quoted = "\n".join("> " + line for line in MAILMAN_FOOTER.split("\n"))
+    body = (
+        "Which driver do you use? See https://docs.example.net/drivers\n\n"
+        f"On Monday Bob wrote:\n> It fails.\n>\n{quoted}\n\nJane\n\n{MAILMAN_FOOTER}\n"
+    )
+    parsed = parse_email(list_message(body=body))
+    assert parsed.body_text == (
+        "Which driver do you use? See https://docs.example.net/drivers\n\n"
+        "On Monday Bob wrote:\n> It fails.\n>\n\nJane"
+    )
+    assert [link.url for link in parsed.links] == ["https://docs.example.net/drivers"]
+
+
+def test_mailman_footer_is_taken_out_without_list_headers() -> None:
+    # List archives keep the footer but not the headers.
+    body = f"Thanks!\n\n{RULE}\nR-help at r-project.example mailing list -- To UNSUBSCRIBE\n"
+    body += "https://stat.example.org/mailman/listinfo/r-help\nPLEASE do read the guide\n"
+    parsed = parse_email(message("From: a@b.example", "Subject: [R-help] plots", body=body))
+    assert parsed.body_text == "Thanks!"
+    assert parsed.links == ()
+    assert parsed.subject == "plots"  # the tag names the list the footer named
+
+
+def test_an_advertisement_glued_to_the_footer_goes_with_it() -> None:
+    ad = "-" * 55 + "\nThis list is sponsored by: Geeks\nhttp://ads.example.com/geek\n"
+    parsed = parse_email(list_message(body=f"My answer.\n\n{ad}{MAILMAN_FOOTER}"))
+    assert parsed.body_text == "My answer."
+    assert parsed.links == ()
+
+
+@pytest.mark.parametrize(
+    "footer",
+    [
+        # a `--` line, then the list's pages
+        "--\nSome list: some-list@lists.example.org\n"
+        "http://www.lists.example.org/mailman/listinfo/some for (un)subscription information.",
+        # a group's footer: an unsubscribe address of the list manager
+        "-- \nYou received this message because you are subscribed to the group.\n"
+        "To unsubscribe, send an email to some-group+unsubscribe@groups.example.com.",
+        # a rule, then the group's links
+        "-=-=-=-=-=-=-=-=-=-=-=-\nGroups Links: You receive all messages sent to this group.\n"
+        "Group Owner: some-group+owner@groups.example.com",
+    ],
+)
+def test_other_list_footers_after_a_separator_are_taken_out(footer: str) -> None:
+    parsed = parse_email(message("From: a@b.example", body=f"Works for me.\n\n{footer}\n"))
+    assert parsed.body_text == "Works for me."
+
+
+def test_the_trailer_of_a_discussion_list_is_taken_out() -> None:
+    trailer = (
+        f"{'-' * 24} Groups Sponsor {'-' * 24}~-->\nFree DVDs\nhttp://ads.example.com/dvd\n"
+        f"{'-' * 64}~->\n\nTo unsubscribe from this group, send an email to:\n"
+        "some-list-unsubscribe@groups.example\n\n"
+        "Your use of Groups is subject to http://groups.example/terms/\n"
+    )
+    body = f"Seen it, it is a fake.\n\n{trailer}"
+    assert parse_email(list_message(body=body)).body_text == "Seen it, it is a fake."
+    # Without a discussion list's headers (a List-Id alone is not one), nothing is cut.
+    plain = message("From: a@b.example", "List-Id: <news.shop.example>", body=body)
+    assert parse_email(plain).body_text == body.strip()
+
+
+@pytest.mark.parametrize(
+    "footer",
+    [
+        f"{RULE}\nYou received this newsletter because you signed up at shop.example.\n"
+        "Unsubscribe: https://shop.example/unsubscribe?u=123",
+        f"{RULE}\nTo stop receiving these emails, unsubscribe here: https://evil.example/u",
+        f"{RULE}\nTo change your mailing list options go to www.shop.example/prefs",
+        "--\nSecurity Team\nunsubscribe: https://secure-login.example/unsub",
+    ],
+)
+def test_newsletter_and_phishing_unsubscribe_text_stays(footer: str) -> None:
+    body = f"Your account is on hold. Verify now.\n\n{footer}"
+    for headers in ([], list(LIST_HEADERS)):
+        parsed = parse_email(message("From: a@b.example", *headers, body=body))
+        assert parsed.body_text == body
+
+
+def test_html_footer_links_go_with_the_footer() -> None:
+    html = (
+        '<p>See <a href="https://docs.example.net/x">the docs</a>.</p><p>'
+        + "<br>".join(MAILMAN_FOOTER.split("\n")[:-1])
+        + '<br><a href="https://lists.example.org/mailman/listinfo/some-list">'
+        "https://lists.example.org/mailman/listinfo/some-list</a></p>"
+    )
+    parsed = parse_email(list_message("Content-Type: text/html", body=html))
+    assert parsed.body_text == "See the docs."
+    assert [link.url for link in parsed.links] == ["https://docs.example.net/x"]
+
+
+def test_archive_and_content_filter_notes_are_taken_out() -> None:
+    body = (
+        "Use tapply().\n\n\t[[alternative HTML version deleted]]\n\n"
+        "-------------- next part --------------\n"
+        "A non-text attachment was scrubbed...\nName: plot.png\nType: image/png\n"
+        "URL: <https://stat.example.org/pipermail/r-help/attachments/1/plot.png>\n"
+    )
+    parsed = parse_email(message("From: a@b.example", body=body))
+    assert parsed.body_text == "Use tapply()."
+    assert parsed.links == ()
+    assert ARCHIVE_SCRUBBED in parsed.defects
+
+
+@pytest.mark.parametrize(
+    ("headers", "subject", "expected"),
+    [
+        # the tag names the message's list (List-Id, List-Post, X-BeenThere...)
+        (LIST_HEADERS, "Re: [Some-list] Help", "Re: Help"),
+        (LIST_HEADERS, "AW: [SOME_LIST] Hilfe", "AW: Hilfe"),
+        ((LIST_HEADERS[0],), "[some-list] Help", "Help"),
+        # a one-word tag in mail from a discussion list
+        (LIST_HEADERS, "[SLtalk] Help", "Help"),
+        # a longer tag that does not name the list stays
+        (LIST_HEADERS, "[Weekly News Digest] Help", "[Weekly News Digest] Help"),
+        # a List-Id alone (marketing senders add one) is no discussion list
+        (("List-Id: <a8f7.xt.local>",), "[FNAME], confirm receipt", "[FNAME], confirm receipt"),
+        # no list at all: the sender's own tags are phishing signals
+        ((), "[URGENT] Verify your wallet", "[URGENT] Verify your wallet"),
+        ((), "Re: [Binance] Withdraw Successful", "Re: [Binance] Withdraw Successful"),
+        ((), "[Some-list] Help", "[Some-list] Help"),
+        # a tag with no subject after it stays
+        (LIST_HEADERS, "[Spam]", "[Spam]"),
+        # a list archive's copy: its one-word tags are the list's
+        (("From: jane at home.example (Jane Roe)",), "[R] plots", "plots"),
+        (("From: jane at home.example (Jane Roe)",), "[URGENT NOTICE] x", "[URGENT NOTICE] x"),
+    ],
+)
+def test_list_subject_tags(headers: Sequence[str], subject: str, expected: str) -> None:
+    if not any(h.startswith("From:") for h in headers):
+        headers = ("From: a@b.example", *headers)
+    assert parse_email(message(*headers, f"Subject: {subject}", body="x")).subject == expected
+
+
+@pytest.mark.parametrize(
+    ("display", "reply_to", "expected"),
+    [
+        # mailman and Google Groups move the author's address to Reply-To
+        ("Jane Roe via Some-list", "jane@home.example", ("Jane Roe", "jane@home.example")),
+        ("'Jane Roe' via Some Group", "jane@home.example", ("Jane Roe", "jane@home.example")),
+        ("Jane Roe via Some-list", "", ("Jane Roe", LIST_PLACEHOLDER)),
+        # a list that keeps no author: its own description is no person's name
+        ("Some list for testing", "some-list@lists.example.org", ("", LIST_PLACEHOLDER)),
+    ],
+)
+def test_from_rewritten_by_a_list_reads_as_the_author(
+    display: str, reply_to: str, expected: tuple[str, str]
+) -> None:
+    raw = message(
+        f'From: "{display}" <some-list@lists.example.org>',
+        *([f"Reply-To: {reply_to}"] if reply_to else []),
+        "To: some-list@lists.example.org",
+        "Subject: x",
+        *LIST_HEADERS,
+        body="Ask some-list-owner@lists.example.org or some-list@lists.example.org.\n\nJane",
+    )
+    parsed = parse_email(raw)
+    assert (parsed.from_display, parsed.from_address) == expected
+    assert parsed.from_domain == ("home.example" if reply_to.startswith("jane") else "")
+    assert parsed.reply_to == (reply_to if reply_to.startswith("jane") else "")
+    assert parsed.body_text == (
+        f"Ask some-list-owner@lists.example.org or {LIST_PLACEHOLDER}.\n\nJane"
+    )
+
+
+def test_a_reply_to_naming_the_list_is_dropped() -> None:
+    raw = list_message("Reply-To: Some-list <some-list@lists.example.org>", body="x")
+    parsed = parse_email(raw)
+    assert (parsed.from_address, parsed.reply_to) == ("jane@home.example", "")
+
+
+def test_forged_list_fields_hide_no_address() -> None:
+    # Only an address the message was sent to (masked anyway) can read as the list's.
+    raw = message(
+        'From: "PayPal via Service" <service@paypa1.example>',
+        "Reply-To: service@paypa1.example",
+        "To: victim@corp.example",
+        "List-Post: <mailto:service@paypa1.example>",
+        "X-BeenThere: service@paypa1.example",
+        "Subject: Verify",
+        body="Write to service@paypa1.example",
+    )
+    parsed = parse_email(raw)
+    assert (parsed.from_display, parsed.from_address) == (
+        "PayPal via Service",
+        "service@paypa1.example",
+    )
+    assert parsed.reply_to == "service@paypa1.example"
+    assert parsed.body_text == "Write to service@paypa1.example"
+
+
+def test_a_from_spoofing_the_recipient_stays_distinct_from_a_list() -> None:
+    raw = message(
+        '"IT Support via Helpdesk" <victim@corp.example>',
+        "To: victim@corp.example",
+        "Subject: Mailbox full",
+        body="x",
+    )
+    parsed = parse_email(b"From: " + raw)
+    assert parsed.from_display == "IT Support via Helpdesk"
+    assert parsed.from_address == RECIPIENT_PLACEHOLDER != LIST_PLACEHOLDER
+
+
+@pytest.mark.parametrize(
+    ("value", "display", "address"),
+    [
+        ("jane.roe at home.example (Jane Roe)", "Jane Roe", "jane.roe@home.example"),
+        ('"jane at mail.home.example (Jane Roe)"', "Jane Roe", "jane@mail.home.example"),
+        ("jane at home.example", "", "jane@home.example"),
+        ("jane at home.example (jane at home.example)", "", "jane@home.example"),
+        ("jr at home.example (Jane Roe (Home))", "Jane Roe (Home)", "jr@home.example"),
+        # an archive that made the address unreadable: only the name is left
+        ("j@ne@roe @end|ng |rom home@ex@mple (Jane Roe)", "Jane Roe", ""),
+        # no archive writes an address without a domain
+        ("Support at PayPal (Security)", "Support at PayPal (Security)", ""),
+    ],
+)
+def test_list_archive_senders_are_read_back(value: str, display: str, address: str) -> None:
+    parsed = parse_email(message(f"From: {value}", "Subject: x", body="x"))
+    assert (parsed.from_display, parsed.from_address) == (display, address)
+
+
+def test_list_archive_bodies_have_their_addresses_read_back() -> None:
+    body = (
+        "Bob Smith <bob.smith at uni.example> writes:\n> j@ne @end|ng |rom home@ex@mple asked\n"
+        "Mail me at jane at home.example, or look at docs.example.org."
+    )
+    parsed = parse_email(message("From: jane at home.example (Jane Roe)", body=body))
+    assert parsed.body_text == (
+        "Bob Smith <bob.smith@uni.example> writes:\n> asked\n"
+        "Mail me at jane@home.example, or look@docs.example.org."
+    )
+    # Only in an archive's copy: elsewhere "look at example.org" is just text.
+    plain = parse_email(message("From: a@b.example", body="look at docs.example.org"))
+    assert plain.body_text == "look at docs.example.org"
+
+
+def test_addresses_in_anonymised_domains_are_masked() -> None:
+    raw = message(
+        'From: "Feeds" <rssfeeds@spamassassin.taint.org>',
+        "To: yyyy@spamassassin.taint.org",
+        "Subject: news for yyyy@spamassassin.taint.org",
+        body="Sent by jm@relay.spamassassin.taint.org to jm@taint.example, bob@example.com",
+    )
+    parsed = parse_email(raw)
+    p = RECIPIENT_PLACEHOLDER
+    # A sender the corpus anonymised is not the recipient: no fake self-spoofing From.
+    assert (parsed.from_display, parsed.from_address, parsed.from_domain) == ("Feeds", "", "")
+    assert parsed.subject == f"news for {p}"
+    assert parsed.body_text == f"Sent by {p} to jm@taint.example, bob@example.com"
+    # The recipient's own address as From is still the recipient.
+    own = raw.replace(b"rssfeeds@", b"yyyy@")
+    assert parse_email(own).from_address == p
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        ("_" * 40 + "\n") * 50_000,
+        ("_" * 40 + "\nx mailing list\n") * 30_000,
+        ("--\n" + "y\n" * 11) * 40_000,
+        "a" * 1_000_000 + " at " + "b." * 100_000,
+        "x" * 500_000 + " @end|ng |rom " + "y" * 500_000,
+        ("> " * 1000 + "_" * 40 + "\n") * 500,
+    ],
+)
+def test_list_patterns_stay_linear_on_hostile_bodies(body: str) -> None:
+    raw = message("From: a at b.example (A)", *LIST_HEADERS, "Subject: [x] y", body=body)
+    _, elapsed = timed_parse(raw)
+    assert elapsed < TIME_LIMIT_S
 
 
 # --- charsets and transfer encodings ---------------------------------------------------
@@ -708,6 +1012,9 @@ _FIELDS = st.sampled_from(
         "Received",
         "X-Spam-Status",
         "MIME-Version",
+        "List-Id",
+        "List-Post",
+        "X-BeenThere",
     ]
 )
 _VALUES = st.one_of(
@@ -727,13 +1034,24 @@ _VALUES = st.one_of(
             "=?bogus?q?=ZZ?=",
             "attachment; filename*=bogus''%FF",
             "<a@b.example>, (((",
+            "<mailto:l@lists.example>",
+            "List <l.lists.example>",
+            "a at b.example (A)",
+            "x@ @end|ng |rom y (A)",
+            "[l] subject",
         ]
     ),
 )
 _BODIES = st.lists(
     st.one_of(
         st.text(max_size=200),
-        st.sampled_from(["--B", "--B--", "\n", "<html><a href='http://x'>", "=\n", "=3D"]),
+        st.sampled_from(
+            [
+                *("--B", "--B--", "\n", "<html><a href='http://x'>", "=\n", "=3D", "--"),
+                *("_" * 40, "l mailing list", "http://l.example/mailman/listinfo/l"),
+                *("l-request@l.example", "> ", "[[alternative HTML version deleted]]"),
+            ]
+        ),
     ),
     max_size=12,
 ).map("\n".join)

@@ -134,3 +134,14 @@ def test_local_adapter_versions_are_content_hashes(tmp_path: Path) -> None:
     a = resolve_adapter(settings, str(_adapter_folder(tmp_path, "a", _manifest())), tmp_path)
     b = resolve_adapter(settings, str(_adapter_folder(tmp_path, "b", _manifest())), tmp_path)
     assert a.ref.version != b.ref.version and len(a.ref.version) == 12
+
+
+def test_opening_a_store_does_not_leak_into_the_next_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    mlflow_client(CoreSettings(home=tmp_path / "a"))
+    assert CoreSettings(home=tmp_path / "b").tracking_uri.startswith(f"sqlite:///{tmp_path / 'b'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
+    mlflow_client(CoreSettings(home=tmp_path / "c", mlflow_tracking_uri="sqlite:///x.db"))
+    assert CoreSettings().tracking_uri == "http://mlflow.internal:5000"

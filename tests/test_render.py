@@ -98,6 +98,62 @@ def test_optional_lines_are_left_out() -> None:
     )
 
 
+LIST_FOOTER = (
+    "_" * 47 + "\nSome-list mailing list\nsome-list@lists.example.org\n"
+    "https://lists.example.org/mailman/listinfo/some-list\n"
+)
+
+
+def test_list_mail_renders_like_any_person_s_mail() -> None:
+    # What the list added (From rewrite, subject tag, footer and its link) is gone.
+    via_list = message(
+        'From: "Jane Roe via Some-list" <some-list@lists.example.org>',
+        "Reply-To: jane@home.example",
+        "To: some-list@lists.example.org",
+        "List-Id: Some list for testing <some-list.lists.example.org>",
+        "List-Post: <mailto:some-list@lists.example.org>",
+        "Subject: Re: [Some-list] Driver help",
+        body="Use the new driver.\n\n" + LIST_FOOTER,
+    )
+    expected = (
+        'From: "Jane Roe" <jane@home.example> (domain: home.example)\n'
+        "Subject: Re: Driver help\n"
+        "Body:\nUse the new driver."
+    )
+    assert render_text(parse_email(via_list)) == expected
+    # The same post from the list's archive (sender obfuscated, no list headers), and as
+    # the author sent it to the list: the same rendering.
+    archived = message(
+        "From: jane at home.example (Jane Roe)",
+        "Subject: Re: [Some-list] Driver help",
+        body="Use the new driver.\n\n" + LIST_FOOTER,
+    )
+    assert render_text(parse_email(archived)) == expected
+    direct = message(
+        'From: "Jane Roe" <jane@home.example>',
+        "To: some-list@lists.example.org",
+        "Subject: Re: Driver help",
+        body="Use the new driver.",
+    )
+    assert render_text(parse_email(direct)) == expected
+
+
+def test_a_sender_spoofing_the_recipient_is_not_rendered_as_a_list() -> None:
+    raw = message(
+        'From: "IT Desk via Helpdesk" <victim@corp.example>',
+        "To: victim@corp.example",
+        "Subject: [URGENT] Mailbox quota",
+        body="Click to keep your mail.\n\n" + "_" * 30 + "\nUnsubscribe: https://x.example/u",
+    )
+    assert render_text(parse_email(raw)) == (
+        'From: "IT Desk via Helpdesk" <recipient>\n'
+        "Subject: [URGENT] Mailbox quota\n"
+        "Links:\n- https://x.example/u (x.example)\n"
+        "Body:\nClick to keep your mail.\n\n______________________________\n"
+        "Unsubscribe: https://x.example/u"
+    )
+
+
 RECEIVING_SIDE = [
     "Received: from relay.example (relay [10.0.0.1]) by mx.example; SECRET01",
     "Authentication-Results: mx.example; spf=pass SECRET02",

@@ -163,7 +163,7 @@ def test_classify_uses_the_adapter_and_refuses_the_wrong_task(trained: Any) -> N
     uri = "models:/phishgate-phishing@champion"
     ok = run("--json", "--adapter", uri)
     assert ok.returncode == 0, ok.stderr
-    assert '"model": "phishgate-phishing v1"' in ok.stdout
+    assert '"adapter": "phishgate-phishing v1"' in ok.stdout
     wrong = run("--task", "spam", "--adapter", uri)
     assert wrong.returncode == EX_CONFIG and "is for task 'phishing'" in wrong.stderr
     missing = run("--adapter", "models:/phishgate-phishing@nope")
