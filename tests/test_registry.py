@@ -143,5 +143,7 @@ def test_opening_a_store_does_not_leak_into_the_next_settings(
     mlflow_client(CoreSettings(home=tmp_path / "a"))
     assert CoreSettings(home=tmp_path / "b").tracking_uri.startswith(f"sqlite:///{tmp_path / 'b'}")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
-    mlflow_client(CoreSettings(home=tmp_path / "c", mlflow_tracking_uri="sqlite:///x.db"))
+    mlflow_client(
+        CoreSettings(home=tmp_path / "c", mlflow_tracking_uri=f"sqlite:///{tmp_path / 'x.db'}")
+    )
     assert CoreSettings().tracking_uri == "http://mlflow.internal:5000"
