@@ -542,15 +542,13 @@ def _settings() -> CoreSettings:
     """CoreSettings from the environment; ConfigError naming each invalid variable."""
     from pydantic import ValidationError
 
+    from phishgate.core.config_files import describe_validation_error
     from phishgate.core.settings import CoreSettings
 
     try:
         return CoreSettings()
     except ValidationError as exc:
-        problems = "; ".join(
-            f"PHISHGATE_{'_'.join(str(part) for part in err['loc']).upper()}: {err['msg']}"
-            for err in exc.errors()
-        )
+        problems = describe_validation_error(exc, env_prefix="PHISHGATE_")
         raise ConfigError(f"invalid settings: {problems}") from None
 
 

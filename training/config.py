@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from phishgate.core.config_files import describe_validation_error, read_yaml_mapping
 from phishgate.core.errors import ConfigError
 from phishgate.core.tasks import TASKS
 
@@ -100,15 +101,7 @@ def load_train_config(
     """The config in `path` (defaults when None) with `key=value` overrides applied."""
     data: dict[str, Any] = {}
     if path is not None:
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise ConfigError(f"cannot read training config {path}: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"training config {path} is not valid YAML: {exc}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"training config {path} must be a mapping of settings")
-        data = loaded or {}
+        data = read_yaml_mapping(path, "training config")
         data.setdefault("name", path.stem)
     for spec in overrides:
         keys, value = parse_override(spec)
@@ -121,8 +114,7 @@ def load_train_config(
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}" for error in exc.errors()
-        )
         where = f" in {path}" if path else ""
-        raise ConfigError(f"invalid training config{where}: {problems}") from None
+        raise ConfigError(
+            f"invalid training config{where}: {describe_validation_error(exc)}"
+        ) from None

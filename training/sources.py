@@ -25,9 +25,9 @@ from email.policy import SMTP
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from phishgate.core.config_files import describe_validation_error, read_yaml_mapping
 from phishgate.core.errors import ConfigError
 from phishgate.core.tasks import get_task
 from phishgate.training.splits import in_holdout
@@ -176,14 +176,7 @@ def load_data_config(
     to the config file's folder, which is also the default. ConfigError names the file
     and each invalid field.
     """
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"cannot read data config {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"data config {path} is not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"data config {path}: expected a mapping at the top level")
+    raw = read_yaml_mapping(path, "data config")
     overrides: dict[str, Any] = {
         "task": task,
         "data_root": data_root.expanduser().resolve() if data_root else None,
@@ -203,17 +196,7 @@ def load_data_config(
     try:
         return DataConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"data config {path}: {format_validation_error(exc)}") from None
-
-
-def format_validation_error(exc: ValidationError) -> str:
-    """One line per error: `field.path: message`."""
-    lines = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"])
-        message = str(err["msg"]).removeprefix("Value error, ")
-        lines.append(f"{where}: {message}" if where else message)
-    return "; ".join(lines)
+        raise ConfigError(f"data config {path}: {describe_validation_error(exc)}") from None
 
 
 def parse_source_override(spec: str) -> SourceConfig:
@@ -241,7 +224,7 @@ def parse_source_override(spec: str) -> SourceConfig:
             }
         )
     except ValidationError as exc:
-        raise ConfigError(f"--source {spec!r}: {format_validation_error(exc)}") from None
+        raise ConfigError(f"--source {spec!r}: {describe_validation_error(exc)}") from None
 
 
 @dataclass(frozen=True)
