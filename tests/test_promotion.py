@@ -42,3 +42,14 @@ def test_force_promotes_and_is_recorded_as_forced() -> None:
 
 def test_missing_metrics_count_as_zero_f1() -> None:
     assert not decide_promotion({"test": {"f1": None, "ece": 0.0}}, CHAMPION).promote
+
+
+def test_one_label_sets_are_judged_by_accuracy() -> None:
+    ham_only = {"n": 100, "n_positive": 0}
+    champion = {"holdout": {"f1": 0.0, "accuracy": 0.96, "ece": 0.05, **ham_only}}
+    more_false_positives = {"holdout": {"f1": 0.0, "accuracy": 0.90, "ece": 0.05, **ham_only}}
+    decision = decide_promotion(more_false_positives, champion)
+    assert not decision.promote
+    assert decision.reasons[0].startswith("holdout: accuracy 0.9000 < champion 0.9600")
+    fewer = {"holdout": {"f1": 0.0, "accuracy": 0.99, "ece": 0.05, **ham_only}}
+    assert decide_promotion(fewer, champion).promote

@@ -25,7 +25,16 @@ class Decision:
 
 
 SetMetrics = Mapping[str, Mapping[str, float | None]]
-"""{set name: {"f1": ..., "ece": ...}}"""
+"""{set name: {"f1": ..., "accuracy": ..., "ece": ..., "n_positive": ..., "n": ...}}"""
+
+
+def quality_metric(metrics: Mapping[str, float | None]) -> str:
+    """F1 where a set has both labels; accuracy on a one-label set (a held-out legitimate
+    source, say), where F1 is 0 or undefined whatever the model does."""
+    n, positives = metrics.get("n"), metrics.get("n_positive")
+    if n is not None and positives is not None and positives in (0, n):
+        return "accuracy"
+    return "f1"
 
 
 def decide_promotion(
@@ -36,7 +45,11 @@ def decide_promotion(
     ece_margin: float = 0.01,
     force: bool = False,
 ) -> Decision:
-    """Whether to move `champion` to the challenger, with the reason for each set."""
+    """Whether to move `champion` to the challenger, with the reason for each set.
+
+    The quality metric of a set is F1, or accuracy on a one-label set (`quality_metric`);
+    `f1_margin` is the allowed drop in it.
+    """
     if champion is None:
         return Decision(True, force, ["no champion yet: the challenger becomes champion"])
     reasons: list[str] = []
@@ -45,13 +58,15 @@ def decide_promotion(
     if not shared:
         return Decision(force, force, ["challenger and champion share no evaluation set"])
     for name in shared:
-        ch_f1, cp_f1 = _value(challenger[name], "f1"), _value(champion[name], "f1")
+        key = quality_metric(challenger[name])
+        label = "F1" if key == "f1" else "accuracy"
+        ch_q, cp_q = _value(challenger[name], key), _value(champion[name], key)
         ch_ece, cp_ece = _value(challenger[name], "ece"), _value(champion[name], "ece")
-        if ch_f1 < cp_f1 - f1_margin:
+        if ch_q < cp_q - f1_margin:
             passed = False
-            reasons.append(f"{name}: F1 {ch_f1:.4f} < champion {cp_f1:.4f} - margin {f1_margin}")
+            reasons.append(f"{name}: {label} {ch_q:.4f} < champion {cp_q:.4f} - margin {f1_margin}")
         else:
-            reasons.append(f"{name}: F1 {ch_f1:.4f} vs champion {cp_f1:.4f}: ok")
+            reasons.append(f"{name}: {label} {ch_q:.4f} vs champion {cp_q:.4f}: ok")
         if ch_ece > cp_ece + ece_margin:
             passed = False
             reasons.append(
@@ -130,7 +145,14 @@ def promote(
             report, _ = evaluate(
                 predictor, examples, task, split=name, threshold=manifest.threshold
             )
-            measured[alias][name] = {"f1": report.metrics.f1, "ece": report.metrics.ece}
+            m = report.metrics
+            measured[alias][name] = {
+                "f1": m.f1,
+                "accuracy": m.accuracy,
+                "ece": m.ece,
+                "n": m.n,
+                "n_positive": m.n_positive,
+            }
     decision = decide_promotion(
         measured[CHALLENGER],
         measured.get(CHAMPION),
