@@ -20,7 +20,7 @@ from phishgate.training.sources import DataConfig, Skipped
 from phishgate.training.splits import HOLDOUT, SPLITS, SplitPlan
 
 if TYPE_CHECKING:
-    from phishgate.training.data import Example, SourceReport
+    from phishgate.training.data import RenderedExample, SourceReport
 
 SAMPLE_IDS = 5
 TOP_LANGUAGES = 8
@@ -69,7 +69,7 @@ def build_card(
     max_tokens: int,
     tokenizer_name: str,
     reports: Sequence[SourceReport],
-    examples: Sequence[Example],
+    examples: Sequence[RenderedExample],
     skipped: Sequence[Skipped],
     plan: SplitPlan,
     files: Mapping[str, str],

@@ -47,7 +47,7 @@ UNDETERMINED = "und"
 
 
 @dataclass(frozen=True)
-class Example:
+class RenderedExample:
     """One rendered, labelled message: its JSONL line plus what splitting needs."""
 
     id: str
@@ -140,7 +140,7 @@ def read_sources(config: DataConfig) -> list[SourceReport]:
 
 def render_message(
     message: RawMessage, task: Task, tokenizer: PreTrainedTokenizerBase, max_tokens: int
-) -> Example | Skipped:
+) -> RenderedExample | Skipped:
     """The message rendered as a training example, or Skipped with the renderer's reason.
 
     InvalidMessage is an expected rejection. ConfigError (no chat template, a budget too
@@ -158,7 +158,7 @@ def render_message(
     except Exception as exc:
         return Skipped(message.id, message.source, f"renderer bug: {type(exc).__name__}: {exc}")
     example = training_example(rendered, message.label, task)
-    return Example(
+    return RenderedExample(
         id=message.id,
         source=message.source,
         label=message.label,
@@ -180,7 +180,7 @@ def render_all(
     max_tokens: int,
     *,
     progress: bool = True,
-) -> list[Example | Skipped]:
+) -> list[RenderedExample | Skipped]:
     """Render `messages` in order, showing a progress bar when `progress`.
 
     One process (~8 ms a message): a pool of two workers on the two shared cores of the
@@ -192,7 +192,7 @@ def render_all(
         MofNCompleteColumn(),
         TimeRemainingColumn(elapsed_when_finished=True),
     )
-    results: list[Example | Skipped] = []
+    results: list[RenderedExample | Skipped] = []
     with Progress(*columns, disable=not progress) as bar:
         job = bar.add_task("render", total=len(messages))
         for message in messages:
@@ -224,7 +224,7 @@ def prepare_dataset(
 
     results = render_all(messages, task, tokenizer, settings.max_input_tokens, progress=progress)
     render_s = time.perf_counter() - started - read_s
-    examples = [r for r in results if isinstance(r, Example)]
+    examples = [r for r in results if isinstance(r, RenderedExample)]
     skipped = [s for r in reports for s in r.skipped]
     skipped += [r for r in results if isinstance(r, Skipped)]
 
@@ -265,7 +265,7 @@ def prepare_dataset(
     return PreparedDataset(out, card, {name: out / f"{name}.jsonl" for name in files})
 
 
-def write_splits(out: Path, examples: Iterable[Example], plan: SplitPlan) -> dict[str, str]:
+def write_splits(out: Path, examples: Iterable[RenderedExample], plan: SplitPlan) -> dict[str, str]:
     """Write one JSONL file per split in `plan` (input order); the sha256 of each file."""
     out.mkdir(parents=True, exist_ok=True)
     by_split: dict[str, list[str]] = {s: [] for s in (*SPLITS, HOLDOUT)}
