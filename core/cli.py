@@ -517,14 +517,14 @@ def registry_promote(
     )
     table.add_column("set")
     for alias in report.metrics:
-        table.add_column(f"{alias} F1")
-        table.add_column(f"{alias} ECE")
+        for metric in ("F1", "accuracy", "ECE"):
+            table.add_column(f"{alias} {metric}")
     sets = sorted({name for per_set in report.metrics.values() for name in per_set})
     for name in sets:
         row = [name]
         for per_set in report.metrics.values():
             values = per_set.get(name, {})
-            row += [_metric(values.get("f1")), _metric(values.get("ece"))]
+            row += [_metric(values.get(key)) for key in ("f1", "accuracy", "ece")]
         table.add_row(*row)
     out = Console()
     out.print(table)
