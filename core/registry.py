@@ -57,8 +57,6 @@ class ResolvedAdapter:
 class VersionInfo:
     version: str
     aliases: tuple[str, ...]
-    run_id: str
-    created_ms: int
     tags: dict[str, str] = field(default_factory=dict)
 
 
@@ -135,8 +133,6 @@ def list_versions(client: MlflowClient, task: str) -> list[VersionInfo]:
             VersionInfo(
                 version=str(v.version),
                 aliases=tuple(sorted(aliases.get(str(v.version), []))),
-                run_id=v.run_id or "",
-                created_ms=int(v.creation_timestamp or 0),
                 tags=dict(v.tags or {}),
             )
             for v in versions

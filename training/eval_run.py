@@ -39,10 +39,10 @@ from phishgate.training.evaluate import (
     dev_threshold,
     evaluate,
     load_examples,
+    sample,
     write_report,
 )
 from phishgate.training.robustness import EDITS
-from phishgate.training.sft import sample
 from phishgate.training.sources import (
     DataConfig,
     DataSourceError,
@@ -650,15 +650,7 @@ def _render(
     rendered = render_message(message, task, tokenizer, max_tokens)
     if isinstance(rendered, Skipped):
         return rendered
-    return Example(
-        id=rendered.id,
-        source=rendered.source,
-        label=rendered.label,
-        messages=tuple(rendered.messages),
-        lang=rendered.lang,
-        n_tokens=rendered.n_tokens,
-        sha256=rendered.sha256,
-    )
+    return Example.from_record(rendered.line())
 
 
 def _score_line(predictor: str, ident: str, edit: str, score: float) -> str:

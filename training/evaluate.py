@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -36,6 +37,19 @@ class Example:
     sha256: str = ""
     """The raw message's SHA-256 as prepared (empty when unknown), to re-find its bytes."""
 
+    @classmethod
+    def from_record(cls, row: dict[str, Any]) -> Example:
+        """An Example from a split-file record (KeyError/TypeError/ValueError if malformed)."""
+        return cls(
+            id=str(row["id"]),
+            source=str(row["source"]),
+            label=str(row["label"]),
+            messages=tuple(row["messages"]),
+            lang=str(row.get("lang") or "unknown"),
+            n_tokens=int(row.get("n_tokens") or 0),
+            sha256=str(row.get("sha256") or ""),
+        )
+
     @property
     def user_text(self) -> str:
         """The rendered email (the user message), what every predictor reads."""
@@ -45,6 +59,23 @@ class Example:
     def prompt_messages(self) -> list[dict[str, str]]:
         """System and user messages: the conversation the model answers."""
         return [dict(m) for m in self.messages if m["role"] != "assistant"]
+
+
+def sample(examples: Sequence[Example], limit: int | None, seed: int) -> list[Example]:
+    """A seeded sample of at most `limit` examples, stratified by label (all when None)."""
+    if limit is None or limit >= len(examples):
+        return list(examples)
+    rng = random.Random(seed)
+    by_label: dict[str, list[Example]] = {}
+    for example in examples:
+        by_label.setdefault(example.label, []).append(example)
+    chosen: list[Example] = []
+    for label in sorted(by_label):
+        group = by_label[label]
+        share = max(1, round(limit * len(group) / len(examples)))
+        chosen.extend(rng.sample(group, min(share, len(group))))
+    rng.shuffle(chosen)
+    return chosen[:limit]
 
 
 def load_examples(path: Path) -> list[Example]:
@@ -58,18 +89,7 @@ def load_examples(path: Path) -> list[Example]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-            examples.append(
-                Example(
-                    id=str(row["id"]),
-                    source=str(row["source"]),
-                    label=str(row["label"]),
-                    messages=tuple(row["messages"]),
-                    lang=str(row.get("lang") or "unknown"),
-                    n_tokens=int(row.get("n_tokens") or 0),
-                    sha256=str(row.get("sha256") or ""),
-                )
-            )
+            examples.append(Example.from_record(json.loads(line)))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"{path}:{number}: not a split record ({exc})") from None
     return examples

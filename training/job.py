@@ -145,6 +145,7 @@ def run_training(
         "settings": settings.model_dump(mode="json"),
         "data_dir": str(data_dir),
     }
+    commit = git_commit()
     with mlflow.start_run(experiment_id=experiment, run_name=config.name) as run:
         mlflow.log_params(_flat("", config.model_dump(mode="json")))
         mlflow.log_params(
@@ -154,7 +155,7 @@ def run_training(
                 "max_input_tokens": settings.max_input_tokens,
             }
         )
-        mlflow.set_tags({"git_commit": git_commit(), "task": config.task})
+        mlflow.set_tags({"git_commit": commit, "task": config.task})
         for card in ("card.json", "card.md"):
             if (data_dir / card).is_file():
                 mlflow.log_artifact(str(data_dir / card), artifact_path="data")
@@ -194,7 +195,7 @@ def run_training(
                 base_model_id=base.model_id,
                 base_weights_hash=base.weights_hash,
                 data_hash=data_hash(data_dir),
-                git_commit=git_commit(),
+                git_commit=commit,
                 created_at=datetime.now(UTC).isoformat(timespec="seconds"),
                 metrics={"base_" + k: v for k, v in history[0]["metrics"].items()} | dev_metrics,
                 lora=config.lora.model_dump(mode="json"),

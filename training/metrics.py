@@ -53,17 +53,24 @@ def confusion_counts(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[int, int, 
     return tn, fp, fn, tp
 
 
+def calibration_bins(
+    y_true: np.ndarray, y_score: np.ndarray, bins: int = 10
+) -> list[tuple[int, float, float]]:
+    """(count, mean score, fraction positive) of each non-empty equal-width score bin."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    index = np.clip(np.digitize(y_score, edges[1:-1], right=True), 0, bins - 1)
+    return [
+        (int(mask.sum()), float(y_score[mask].mean()), float(y_true[mask].mean()))
+        for mask in (index == b for b in range(bins))
+        if mask.any()
+    ]
+
+
 def expected_calibration_error(y_true: np.ndarray, y_score: np.ndarray, bins: int = 10) -> float:
     """ECE of the positive-class probability over `bins` equal-width bins."""
     if len(y_true) == 0:
         return math.nan
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    index = np.clip(np.digitize(y_score, edges[1:-1], right=True), 0, bins - 1)
-    total = 0.0
-    for b in range(bins):
-        mask = index == b
-        if mask.any():
-            total += mask.sum() * abs(float(y_true[mask].mean()) - float(y_score[mask].mean()))
+    total = sum(n * abs(frac - mean) for n, mean, frac in calibration_bins(y_true, y_score, bins))
     return total / len(y_true)
 
 

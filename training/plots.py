@@ -12,6 +12,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from sklearn.metrics import precision_recall_curve, roc_curve
 
+from phishgate.training.metrics import calibration_bins
+
 
 def write_plots(
     y_true: np.ndarray,
@@ -79,10 +81,9 @@ def _line_plot(
 
 
 def _calibration_plot(y_true: np.ndarray, y_score: np.ndarray, title: str, path: Path) -> Path:
-    edges = np.linspace(0, 1, 11)
-    index = np.clip(np.digitize(y_score, edges[1:-1], right=True), 0, 9)
-    mean_score = [y_score[index == b].mean() for b in range(10) if (index == b).any()]
-    frac_pos = [y_true[index == b].mean() for b in range(10) if (index == b).any()]
+    points = calibration_bins(y_true, y_score)
+    mean_score = [mean for _, mean, _ in points]
+    frac_pos = [frac for _, _, frac in points]
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
     ax.plot(mean_score, frac_pos, marker="o", lw=2)

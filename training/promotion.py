@@ -116,9 +116,8 @@ def promote(
         model_name,
     )
     from phishgate.core.tasks import get_task
-    from phishgate.training.evaluate import evaluate, load_examples
+    from phishgate.training.evaluate import evaluate, load_examples, sample
     from phishgate.training.predictors import load_llm_predictor
-    from phishgate.training.sft import sample
 
     task = get_task(task_name)
     client = mlflow_client(settings)

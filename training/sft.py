@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import tempfile
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from phishgate.core.settings import CoreSettings
 from phishgate.core.tasks import get_task
 from phishgate.training.config import TrainConfig
-from phishgate.training.evaluate import Example, load_examples
+from phishgate.training.evaluate import Example, load_examples, sample
 
 if TYPE_CHECKING:
     import torch
@@ -48,23 +46,6 @@ class EpochRecord:
     metrics: dict[str, float]
     threshold: float
     train_seconds: float
-
-
-def sample(examples: Sequence[Example], limit: int | None, seed: int) -> list[Example]:
-    """A seeded sample of at most `limit` examples, stratified by label (all when None)."""
-    if limit is None or limit >= len(examples):
-        return list(examples)
-    rng = random.Random(seed)
-    by_label: dict[str, list[Example]] = {}
-    for example in examples:
-        by_label.setdefault(example.label, []).append(example)
-    chosen: list[Example] = []
-    for label in sorted(by_label):
-        group = by_label[label]
-        share = max(1, round(limit * len(group) / len(examples)))
-        chosen.extend(rng.sample(group, min(share, len(group))))
-    rng.shuffle(chosen)
-    return chosen[:limit]
 
 
 def featurize(tokenizer: PreTrainedTokenizerBase, example: Example) -> dict[str, list[int]]:
