@@ -4,7 +4,7 @@
 PYTHON  ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
-EXTRAS  ?= dev,train
+EXTRAS  ?= dev,train,serve,bench
 STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)-$(EXTRAS)
 PROTOS  := $(wildcard proto/phishgate/v1/*.proto)
 STUBS   := $(PROTOS:.proto=_pb2.py)

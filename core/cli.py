@@ -462,6 +462,14 @@ def eval_command(
     Console().print(f"reports: {summary.out_dir}")
 
 
+serve_app = typer.Typer(
+    help="Run the online services (classifier, milter sidecar).", no_args_is_help=True
+)
+app.add_typer(serve_app, name="serve")
+
+# --- serve commands: thin, each imports its service's wiring module lazily ---
+
+
 registry_app = typer.Typer(
     help="Adapters in the MLflow registry: versions, aliases, promotion.", no_args_is_help=True
 )
