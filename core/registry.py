@@ -110,6 +110,7 @@ def register_adapter(
         "prompt_version": manifest.prompt_version,
         "base_model": f"{manifest.base_model_id}@{manifest.base_weights_hash[:8]}",
         "threshold": f"{manifest.threshold:.4f}",
+        "data_hash": manifest.data_hash,
         **{f"metric.{k}": f"{v:.4f}" for k, v in manifest.metrics.items()},
     }
     version = client.create_model_version(name, source=artifact_uri, run_id=run_id, tags=tags)

@@ -109,3 +109,119 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory, tokenizer: Any) -> Pa
             rows.append({**row, **training_example(rendered, label, task)})
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return folder
+
+
+@pytest.fixture(scope="session")
+def trained_adapters(
+    tmp_path_factory: pytest.TempPathFactory, prepared_model: Any, tiny_dataset: Path
+) -> tuple[Path, Path]:
+    """Two real LoRA adapters for the phishing task, each with its self-description.
+
+    A few AdamW steps with PEFT on the tiny dataset's train split (answer tokens only, no
+    Ray): the first folder after 2 steps, the second after 4, so they score differently.
+    """
+    import json
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from phishgate.core.adapters import AdapterManifest, write_manifest
+    from phishgate.core.model import load_causal_lm, load_tokenizer
+    from phishgate.core.tasks import PROMPT_VERSION, get_task
+
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(prepared_model.path)
+    model = load_causal_lm(prepared_model.path)
+    layers = model.config.num_hidden_layers
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    peft_model = get_peft_model(
+        model,
+        LoraConfig(
+            **lora,
+            lora_dropout=0.0,
+            layers_to_transform=[layers - 2, layers - 1],
+            task_type="CAUSAL_LM",
+        ),
+    )
+    examples = []
+    for line in (tiny_dataset / "train.jsonl").read_text().splitlines():
+        messages = json.loads(line)["messages"]
+        template = {"tokenize": True, "return_dict": False}
+        prompt = tokenizer.apply_chat_template(messages[:2], add_generation_prompt=True, **template)
+        full = tokenizer.apply_chat_template(messages, **template)
+        examples.append((list(full), [-100] * len(prompt) + list(full[len(prompt) :])))
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=2e-2)
+    pad = tokenizer.pad_token_id or 0
+    task = get_task("phishing")
+    folders = []
+    peft_model.train()
+    for step in range(4):
+        batch = [examples[(step * 4 + i) % len(examples)] for i in range(4)]
+        width = max(len(ids) for ids, _ in batch)
+        input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in batch])
+        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])
+        mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch])
+        loss = peft_model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if step in (1, 3):
+            folder = tmp_path_factory.mktemp(f"adapter-step{step + 1}")
+            peft_model.save_pretrained(folder)
+            manifest = AdapterManifest(
+                task=task.name,
+                labels=task.labels,
+                threshold=0.5,
+                prompt_version=PROMPT_VERSION,
+                max_input_tokens=256,
+                base_model_id=prepared_model.model_id,
+                base_weights_hash=prepared_model.weights_hash,
+                metrics={"train_loss": float(loss.item()), "steps": float(step + 1)},
+                lora=lora,
+            )
+            write_manifest(folder, manifest)
+            folders.append(folder)
+    return folders[0], folders[1]
+
+
+@pytest.fixture(scope="session")
+def trained_adapter(trained_adapters: tuple[Path, Path]) -> Path:
+    """A real LoRA adapter folder (PEFT files + phishgate-adapter.json) for phishing."""
+    return trained_adapters[0]
+
+
+def make_adapter_registry(
+    home: Path, prepared_model: Any, folders: tuple[Path, ...]
+) -> tuple[CoreSettings, Any]:
+    """A state folder `home` whose SQLite MLflow registry holds phishgate-phishing versions
+    1, 2... (the `folders`), @champion on 1 and @challenger on 2; the base model cache is
+    linked in, not copied. Returns (core settings, MlflowClient)."""
+    from phishgate.core.adapters import read_manifest
+    from phishgate.core.registry import experiment_id, mlflow_client, register_adapter
+
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "models").symlink_to(prepared_model.path.parent, target_is_directory=True)
+    settings = CoreSettings(home=home, mlflow_tracking_uri="", max_input_tokens=256)
+    client = mlflow_client(settings)
+    experiment = experiment_id(client, settings)
+    for i, folder in enumerate(folders):
+        run = client.create_run(experiment)
+        client.log_artifacts(run.info.run_id, str(folder), "adapter")
+        client.set_terminated(run.info.run_id)
+        register_adapter(
+            client,
+            task="phishing",
+            run_id=run.info.run_id,
+            artifact_uri=f"{run.info.artifact_uri}/adapter",
+            manifest=read_manifest(folder),
+            alias=("champion", "challenger")[min(i, 1)],
+        )
+    return settings, client
+
+
+@pytest.fixture
+def registered_adapters(
+    tmp_path: Path, prepared_model: Any, trained_adapters: tuple[Path, Path]
+) -> tuple[CoreSettings, Any]:
+    """`make_adapter_registry` in a fresh home: the two trained adapters as versions 1, 2."""
+    return make_adapter_registry(tmp_path / "home", prepared_model, trained_adapters)

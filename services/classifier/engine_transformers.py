@@ -1,0 +1,114 @@
+"""The transformers + PEFT engine: one base model, many LoRA adapters, mixed batches.
+
+Adapters are loaded into one PeftModel under their versioned keys; a batch whose rows use
+different adapters (or none) is one forward pass with PEFT's `adapter_names` argument
+("__base__" for base-model rows). Rows are left padded with real-token positions
+(`phishgate.core.scoring.left_pad`) and only the last position's logits are computed, so
+every row scores exactly as it would alone.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from phishgate.classifier.engine import EngineRow
+from phishgate.core.model import load_causal_lm
+from phishgate.core.scoring import label_probabilities, left_pad
+
+BASE = "__base__"  # PEFT's name for "no adapter" in `adapter_names`
+
+
+class TransformersEngine:
+    """Engine over a local Hugging Face checkpoint (CPU by default, CUDA if `device` says)."""
+
+    name = "transformers"
+
+    def __init__(
+        self,
+        base_path: Path,
+        *,
+        pad_id: int,
+        device: str = "cpu",
+        dtype: torch.dtype | None = None,
+        threads: int = 0,
+    ) -> None:
+        self._base: Any = load_causal_lm(base_path, dtype, threads=threads).to(device)
+        self._peft: Any = None  # the PeftModel wrapping _base, once an adapter is loaded
+        self._keys: set[str] = set()
+        self._pad_id = pad_id
+        self._device = torch.device(device)
+
+    def load_adapter(self, key: str, path: Path) -> None:
+        if key == BASE or "." in key:
+            raise ValueError(f"invalid adapter key {key!r}")
+        if key in self._keys:
+            raise ValueError(f"adapter key {key!r} is already loaded")
+        if self._peft is None:
+            from peft import PeftModel
+
+            self._peft = PeftModel.from_pretrained(self._base, str(path), adapter_name=key)
+        else:
+            self._peft.load_adapter(str(path), adapter_name=key, is_trainable=False)
+        self._peft.to(self._device)
+        self._peft.eval()
+        self._keys.add(key)
+
+    def unload_adapter(self, key: str) -> None:
+        if key not in self._keys:
+            raise KeyError(key)
+        self._keys.discard(key)
+        if self._keys:
+            with warnings.catch_warnings():  # "was active, now deleted": no adapter is active
+                warnings.simplefilter("ignore", UserWarning)
+                self._peft.delete_adapter(key)
+        else:
+            # PEFT cannot delete its last adapter; take the LoRA layers out of the base instead.
+            self._base = self._peft.unload()
+            self._peft = None
+
+    def adapter_keys(self) -> frozenset[str]:
+        return frozenset(self._keys)
+
+    def score(self, rows: Sequence[EngineRow]) -> list[tuple[float, ...]]:
+        if not rows:
+            return []
+        unknown = {row.adapter_key for row in rows if row.adapter_key is not None} - self._keys
+        if unknown:
+            raise KeyError(f"adapters not loaded: {sorted(unknown)}")
+        input_ids, attention_mask, position_ids = left_pad(
+            [row.prompt_ids for row in rows], self._pad_id
+        )
+        kwargs: dict[str, Any] = {}
+        model = self._base
+        if self._peft is not None:
+            model = self._peft
+            kwargs["adapter_names"] = [row.adapter_key or BASE for row in rows]
+        with torch.inference_mode():
+            logits = model(
+                input_ids=input_ids.to(self._device),
+                attention_mask=attention_mask.to(self._device),
+                position_ids=position_ids.to(self._device),
+                logits_to_keep=1,
+                use_cache=False,
+                **kwargs,
+            ).logits[:, -1, :]
+        # Rows may belong to tasks with different label words: one softmax per label set.
+        out: list[tuple[float, ...]] = [()] * len(rows)
+        by_labels: dict[tuple[int, ...], list[int]] = {}
+        for i, row in enumerate(rows):
+            by_labels.setdefault(row.label_ids, []).append(i)
+        for label_ids, indices in by_labels.items():
+            probabilities = label_probabilities(logits[indices], label_ids).cpu().tolist()
+            for i, values in zip(indices, probabilities, strict=True):
+                out[i] = tuple(values)
+        return out
+
+    def close(self) -> None:
+        self._peft = None
+        self._base = None
+        self._keys.clear()
