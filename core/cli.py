@@ -35,12 +35,13 @@ from phishgate.core.errors import (
 )
 
 if TYPE_CHECKING:
+    from phishgate.core.demo import DemoResult
     from phishgate.core.model import PreparedModel
     from phishgate.core.render import RenderedEmail
     from phishgate.core.settings import CoreSettings
 
-# sysexits(3): EX_DATAERR, EX_NOINPUT, EX_UNAVAILABLE, EX_CONFIG.
-EX_DATAERR, EX_NOINPUT, EX_UNAVAILABLE, EX_CONFIG = 65, 66, 69, 78
+# sysexits(3): EX_DATAERR, EX_NOINPUT, EX_UNAVAILABLE, EX_SOFTWARE, EX_CONFIG.
+EX_DATAERR, EX_NOINPUT, EX_UNAVAILABLE, EX_SOFTWARE, EX_CONFIG = 65, 66, 69, 70, 78
 _EXIT_CODES: dict[type[PhishgateError], int] = {
     InvalidMessage: EX_DATAERR,
     AdapterNotFound: EX_NOINPUT,
@@ -462,12 +463,337 @@ def eval_command(
     Console().print(f"reports: {summary.out_dir}")
 
 
+@app.command()
+def demo(
+    train_config: Annotated[
+        Path | None,
+        typer.Option(help="Training YAML (default: the shipped training/configs/demo.yaml)."),
+    ] = None,
+    data_config: Annotated[
+        Path | None,
+        typer.Option(help="Data config YAML (default: every corpus in ../shared/data)."),
+    ] = None,
+    max_tokens: Annotated[
+        int, typer.Option(min=128, help="Token budget per email for data, training, serving.")
+    ] = 256,
+    eval_limit: Annotated[
+        int, typer.Option(min=10, help="Test messages graded per predictor and at promotion.")
+    ] = 200,
+    messages: Annotated[
+        int, typer.Option(min=2, help="Held-out test messages sent through Postfix.")
+    ] = 12,
+) -> None:
+    """The whole gateway end to end: data, training, promotion, eval, mail through Postfix.
+
+    Each stage reuses what an earlier run left in PHISHGATE_HOME (prepared model and data,
+    an adapter trained on the same data, its eval), so a second run takes minutes.
+    """
+    from phishgate.core.demo import run_demo
+    from phishgate.training import __file__ as training_init
+
+    settings = _settings().model_copy(update={"max_input_tokens": max_tokens})
+    config = train_config or Path(training_init).parent / "configs" / "demo.yaml"
+    out = Console(highlight=False)
+    started = time.perf_counter()
+    with _quiet_libraries():
+        result = run_demo(
+            settings,
+            train_config=config,
+            data_config=data_config,
+            eval_limit=eval_limit,
+            messages=messages,
+            say=lambda line: out.print(escape(line)),
+        )
+    _print_demo(out, settings, result, time.perf_counter() - started)
+    if any(outcome.final.startswith("LOST") for outcome in result.mail):
+        raise typer.Exit(EX_SOFTWARE)
+
+
+def _print_demo(out: Console, settings: CoreSettings, result: DemoResult, seconds: float) -> None:
+    mail = Table(title="Held-out test mail through Postfix -> sidecar -> classifier")
+    for column in ("#", "truth", "subject", "P(phishing)", "action", "SMTP reply", "now"):
+        mail.add_column(column, overflow="fold")
+    for i, outcome in enumerate(result.mail, 1):
+        mail.add_row(
+            str(i),
+            outcome.truth,
+            escape(outcome.subject),
+            "-" if outcome.score is None else f"{outcome.score:.3f}",
+            outcome.action,
+            escape(outcome.smtp_reply[:40]),
+            outcome.final,
+        )
+    out.print(mail)
+    grades = Table(title=f"Test split ({result.eval_dir})")
+    for column in ("predictor", "F1", "precision", "recall", "ROC-AUC"):
+        grades.add_column(column)
+    for predictor, metrics in result.metrics.items():
+        grades.add_row(
+            predictor, *(_metric(metrics.get(k)) for k in ("f1", "precision", "recall", "roc_auc"))
+        )
+    out.print(grades)
+    stages = Table(title=f"Stages ({seconds:.0f} s in all)")
+    for column in ("stage", "seconds", "note"):
+        stages.add_column(column, overflow="fold")
+    for stage in result.stages:
+        stages.add_row(stage.name, f"{stage.seconds:.1f}", escape(stage.note))
+    out.print(stages)
+    out.print(
+        _grid(
+            ("champion", f"models:/phishgate-phishing@champion = version {result.champion}"),
+            ("promotion", result.promotion),
+            ("MLflow UI", f".venv/bin/mlflow ui --backend-store-uri {settings.tracking_uri}"),
+            ("eval plots", str(result.eval_dir)),
+            ("service logs", str(settings.home / "demo-mailflow")),
+        )
+    )
+
+
 serve_app = typer.Typer(
     help="Run the online services (classifier, milter sidecar).", no_args_is_help=True
 )
 app.add_typer(serve_app, name="serve")
 
 # --- serve commands: thin, each imports its service's wiring module lazily ---
+
+
+@serve_app.command("classifier")
+def serve_classifier() -> None:
+    """gRPC classifier (settings: PHISHGATE_CLASSIFIER_*); stops gracefully on SIGTERM."""
+    from phishgate.classifier.app import main
+
+    main()
+
+
+@serve_app.command("milter")
+def serve_milter(
+    mode: Annotated[
+        str | None,
+        typer.Option(
+            "--mode",
+            help="milter (Postfix smtpd_milters) or smtp (content filter); "
+            "default: PHISHGATE_MILTER_MODE, else milter.",
+        ),
+    ] = None,
+) -> None:
+    """Mail-flow sidecar (settings: PHISHGATE_MILTER_*); stops on SIGTERM."""
+    from phishgate.milter.app import main
+
+    main(mode)
+
+
+bench_app = typer.Typer(
+    help="Load, speed and cost: locust over gRPC, the physical limit, a naive baseline, "
+    "the cost report. Commands of one benchmark share an --out folder.",
+    no_args_is_help=True,
+)
+app.add_typer(bench_app, name="bench")
+
+# --- bench commands: thin, the work is in phishgate.bench.runs (imported lazily) ---
+
+_BenchOut = Annotated[
+    Path | None,
+    typer.Option("--out", help="Benchmark folder (default: <home>/reports/bench-<UTC time>)."),
+]
+_BenchMessages = Annotated[int, typer.Option(min=1, help="Payload messages to prepare.")]
+_BenchMail = Annotated[
+    Path | None, typer.Option(help="Payloads from this .eml file or folder, not a data split.")
+]
+
+
+def _bench_out(out: Path | None, settings: CoreSettings) -> Path:
+    from datetime import UTC, datetime
+
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    return out or settings.home / "reports" / f"bench-{stamp}"
+
+
+@bench_app.command("load")
+def bench_load(
+    out: _BenchOut = None,
+    address: Annotated[
+        str | None, typer.Option(help="Classifier HOST:PORT (default: start one on a free port).")
+    ] = None,
+    users: Annotated[str, typer.Option(help="Concurrent users per step, comma-separated.")] = (
+        "1,8,32"
+    ),
+    seconds: Annotated[int, typer.Option(min=1, help="Duration of each step.")] = 30,
+    task: Annotated[str, typer.Option(help="Task of the payload split.")] = "phishing",
+    split: Annotated[str, typer.Option(help="Prepared split the payloads come from.")] = "test",
+    mail: _BenchMail = None,
+    messages: _BenchMessages = 64,
+    adapter: Annotated[
+        str | None, typer.Option(help="Logical adapter named in requests (default: server's).")
+    ] = None,
+    classifier_adapters: Annotated[
+        str | None,
+        typer.Option(help="PHISHGATE_CLASSIFIER_ADAPTERS for a classifier started here."),
+    ] = None,
+    hardware: Annotated[
+        str | None, typer.Option(help="Hardware profile charged (default: the local one).")
+    ] = None,
+) -> None:
+    """Sweep concurrent users with locust over gRPC; write load.json and steps.csv."""
+    from phishgate.bench.cost import load_profiles
+    from phishgate.bench.runs import PayloadSource, run_load
+    from phishgate.bench.settings import BenchSettings
+
+    settings, bench = _settings(), BenchSettings()
+    folder = _bench_out(out, settings)
+    try:
+        counts = [int(n) for n in users.split(",") if n.strip()]
+    except ValueError:
+        raise typer.BadParameter(
+            f"not a list of integers: {users!r}", param_hint="--users"
+        ) from None
+    err = Console(file=sys.stderr, highlight=False)
+    result = run_load(
+        settings,
+        folder,
+        PayloadSource(task=task, split=split, mail=mail, count=messages),
+        address=address,
+        users=counts,
+        seconds=seconds,
+        hardware=hardware or load_profiles(bench.profiles).local,
+        adapter=bench.adapter if adapter is None else adapter,
+        deadline_s=bench.deadline_s,
+        classifier_env=(
+            {"PHISHGATE_CLASSIFIER_ADAPTERS": classifier_adapters} if classifier_adapters else {}
+        ),
+        say=lambda line: err.print(f"[dim]{escape(line)}[/dim]"),
+    )
+    table = Table(title=f"load · {result.address} · {result.step_seconds} s per step")
+    for column in ("users", "requests", "failures", "req/s", "p50 ms", "p95 ms", "p99 ms"):
+        table.add_column(column, justify="right")
+    for s in result.steps:
+        table.add_row(
+            *map(str, (s.users, s.requests, s.failures)),
+            f"{s.rps:.2f}",
+            *(f"{v:g}" for v in (s.p50_ms, s.p95_ms, s.p99_ms)),
+        )
+    Console().print(table)
+    Console().print(f"results: {escape(str(folder))}")
+
+
+@bench_app.command("limit")
+def bench_limit(
+    out: _BenchOut = None,
+    size: Annotated[int, typer.Option(min=64, help="Side of the square matmuls.")] = 2048,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed matmuls; the best counts.")] = 10,
+    dtype: Annotated[str, typer.Option(help="torch dtype the service scores in.")] = "float32",
+    task: Annotated[str, typer.Option(help="Task of the payload split.")] = "phishing",
+    mail: _BenchMail = None,
+    messages: _BenchMessages = 64,
+) -> None:
+    """Best possible emails/s on this machine: matmul rate over FLOPs per scoring pass."""
+    from phishgate.bench.runs import PayloadSource, run_limit
+
+    settings = _settings()
+    folder = _bench_out(out, settings)
+    err = Console(file=sys.stderr, highlight=False)
+    with _quiet_libraries():
+        limit = run_limit(
+            settings,
+            folder,
+            PayloadSource(task=task, mail=mail, count=messages),
+            size=size,
+            repeats=repeats,
+            dtype=dtype,
+            say=lambda line: err.print(f"[dim]{escape(line)}[/dim]"),
+        )
+    Console().print(
+        _grid(
+            ("matmul rate", f"{limit.matmul.flops_per_s / 1e9:.1f} GFLOP/s ({dtype})"),
+            ("threads", str(limit.matmul.threads)),
+            ("FLOPs per token", f"{limit.flops_per_token / 1e9:.3f} GFLOP"),
+            ("mean tokens per email", f"{limit.mean_tokens:.0f} ({limit.emails} emails)"),
+            ("best possible", f"{limit.emails_per_s:.2f} emails/s, {limit.tokens_per_s:.0f} tok/s"),
+            ("results", str(folder)),
+        )
+    )
+
+
+@bench_app.command("baseline")
+def bench_baseline(
+    out: _BenchOut = None,
+    emails: Annotated[int, typer.Option(min=1, help="Payload messages to run it on.")] = 8,
+    adapter: Annotated[
+        str | None, typer.Option(help="LoRA adapter: a folder or models:/phishgate-<task>@alias.")
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Generation budget.")] = 24,
+    batch_size: Annotated[int, typer.Option(min=1, help="Scorer micro-batch size.")] = 8,
+    task: Annotated[str, typer.Option(help="Task of the payload split.")] = "phishing",
+    mail: _BenchMail = None,
+) -> None:
+    """Naive generate()-and-parse-JSON vs one-pass scoring, on the same messages."""
+    from phishgate.bench.runs import PayloadSource, run_naive_baseline
+
+    settings = _settings()
+    folder = _bench_out(out, settings)
+    err = Console(file=sys.stderr, highlight=False)
+    with _quiet_libraries():
+        result = run_naive_baseline(
+            settings,
+            folder,
+            PayloadSource(task=task, mail=mail, count=max(emails, 8)),
+            emails=emails,
+            adapter=adapter,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            say=lambda line: err.print(f"[dim]{escape(line)}[/dim]"),
+        )
+    Console().print(
+        _grid(
+            ("generate + parse", f"{result.generate.emails_per_s:.2f} emails/s"),
+            ("one pass, batch 1", f"{result.score_single.emails_per_s:.2f} emails/s"),
+            (
+                f"one pass, batch {result.batch_size}",
+                f"{result.score_batched.emails_per_s:.2f} emails/s",
+            ),
+            ("unparsed answers", f"{result.unparsed} of {result.emails}"),
+            ("results", str(folder)),
+        )
+    )
+
+
+@bench_app.command("report")
+def bench_report(
+    folder: Annotated[Path, typer.Argument(help="Benchmark folder (the commands' --out).")],
+    p95_budget_ms: Annotated[
+        float | None, typer.Option(help="Latency target (default: PHISHGATE_BENCH_P95_BUDGET_MS).")
+    ] = None,
+    profiles: Annotated[
+        Path | None, typer.Option(help="Hardware and API prices (default: bench/profiles.yaml).")
+    ] = None,
+    measured: Annotated[
+        list[str] | None,
+        typer.Option(help="PROFILE=load.json measured on other hardware, e.g. h200=gpu/load.json."),
+    ] = None,
+    mail_flow: Annotated[
+        Path | None, typer.Option(help="JSON of the mail-flow benchmark (Postfix + sidecar).")
+    ] = None,
+) -> None:
+    """report.md with plots: throughput, latency, limit, baseline, cost vs the hosted API."""
+    from phishgate.bench.runs import build_report
+    from phishgate.bench.settings import BenchSettings
+
+    bench = BenchSettings()
+    others: dict[str, Path] = {}
+    for spec in measured or []:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise typer.BadParameter(
+                f"expected PROFILE=FILE, got {spec!r}", param_hint="--measured"
+            )
+        others[name] = Path(path)
+    files = build_report(
+        folder,
+        profiles_path=profiles or bench.profiles,
+        p95_budget_ms=p95_budget_ms or bench.p95_budget_ms,
+        measured=others,
+        mail_flow=mail_flow,
+    )
+    Console().print(f"report: {escape(str(files.markdown))}")
 
 
 registry_app = typer.Typer(
