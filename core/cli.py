@@ -510,18 +510,21 @@ def demo(
 
 
 def _print_demo(out: Console, settings: CoreSettings, result: DemoResult, seconds: float) -> None:
-    mail = Table(title="Held-out test mail through Postfix -> sidecar -> classifier")
-    for column in ("#", "truth", "subject", "P(phishing)", "action", "SMTP reply", "now"):
-        mail.add_column(column, overflow="fold")
+    mail = Table(title="Held-out test mail: Postfix -> milter sidecar -> classifier")
+    for column in ("#", "truth", "P(phishing)", "action", "outcome"):
+        mail.add_column(column, no_wrap=True)
+    mail.add_column("subject", no_wrap=True, overflow="ellipsis", max_width=28)
     for i, outcome in enumerate(result.mail, 1):
+        final = outcome.final
+        if final == "rejected":
+            final = f"rejected: {outcome.smtp_reply[:24]}"
         mail.add_row(
             str(i),
             outcome.truth,
-            escape(outcome.subject),
             "-" if outcome.score is None else f"{outcome.score:.3f}",
             outcome.action,
-            escape(outcome.smtp_reply[:40]),
-            outcome.final,
+            escape(final),
+            escape(outcome.subject),
         )
     out.print(mail)
     grades = Table(title=f"Test split ({result.eval_dir})")

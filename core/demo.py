@@ -160,7 +160,7 @@ def train_adapter(
     outcome = run_training(config, settings, say=say)
     if outcome.version is None:
         raise ConfigError(f"training config {config_path} does not register its adapter")
-    note.append(f"version {outcome.version}, dev F1 {outcome.dev_metrics.get('f1', 0):.3f}")
+    note.append(f"version {outcome.version}, dev F1 {outcome.dev_metrics.get('dev_f1', 0):.3f}")
     return outcome.version
 
 

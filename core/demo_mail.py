@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from phishgate.core.settings import CoreSettings
     from phishgate.milter.postfix import PostfixInstance
     from phishgate.milter.sink import MailSink
+    from phishgate.training.evaluate import Example
 
 Say = Callable[[str], None]
 DOMAIN = "demo.phishgate.test"
@@ -58,7 +59,7 @@ def run_mail_flow(
 ) -> list[MailOutcome]:
     """Send `messages` test-split emails (half phishing) through the gateway; their fates.
 
-    The policy quarantines at the adapter's own `threshold` and rejects at 0.95 and above.
+    The policy quarantines at the adapter's own `threshold` and rejects at 0.9 and above.
     """
     from phishgate.milter.postfix import PostfixConfig, PostfixInstance, free_port
     from phishgate.milter.sink import MailSink
@@ -127,19 +128,27 @@ def run_mail_flow(
 
 
 def _pick(data_dir: Path, messages: int) -> list[tuple[str, str, bytes]]:
-    """(id, label, raw bytes) of a seeded test-split sample, stratified by label."""
-    from phishgate.training.eval_run import find_raw
-    from phishgate.training.evaluate import load_examples, sample
+    """(id, label, raw bytes) of a seeded test-split sample, as many of each label."""
+    import random
 
-    examples = sample(load_examples(data_dir / "test.jsonl"), messages, seed=1)
-    raws, missing = find_raw(data_dir, examples)
+    from phishgate.training.eval_run import find_raw
+    from phishgate.training.evaluate import load_examples
+
+    by_label: dict[str, list[Example]] = {}
+    for example in load_examples(data_dir / "test.jsonl"):
+        by_label.setdefault(example.label, []).append(example)
+    rng = random.Random(1)
+    share = -(-messages // len(by_label))  # ceiling
+    chosen = [e for label in sorted(by_label) for e in rng.sample(by_label[label], share)]
+    rng.shuffle(chosen)
+    raws, missing = find_raw(data_dir, chosen[:messages])
     if not raws:
         raise ConfigError(f"none of the test messages could be re-read: {missing}")
-    return [(e.id, e.label, raws[e.id]) for e in examples if e.id in raws]
+    return [(e.id, e.label, raws[e.id]) for e in chosen[:messages] if e.id in raws]
 
 
 def _policy(threshold: float) -> dict[str, object]:
-    reject = max(0.95, threshold)
+    reject = max(0.9, threshold)
     return {
         "adapter": "phishing",
         "thresholds": {"phishing": {"tag": None, "quarantine": threshold, "reject": reject}},
@@ -173,7 +182,7 @@ def _send_one(
             code, text = next(iter(exc.recipients.values()))
             reply = f"{code} {_text(text)}"
     decision = _decision_after(sidecar, mark)
-    subject = str(message_from_bytes(raw).get("Subject", ""))[:60]
+    subject = _subject(raw)
     outcome = MailOutcome(
         id=ident,
         truth=truth,
@@ -186,6 +195,18 @@ def _send_one(
     )
     say(f"   {i + 1:>2} {truth:<10} -> {outcome.action:<10} {reply[:40]}")
     return outcome
+
+
+def _subject(raw: bytes) -> str:
+    """The decoded Subject, on one line, for the summary table."""
+    from email.header import decode_header, make_header
+
+    value = message_from_bytes(raw).get("Subject", "")
+    try:
+        value = str(make_header(decode_header(str(value))))
+    except (LookupError, ValueError, UnicodeError):
+        value = str(value)
+    return " ".join(value.split())[:70]
 
 
 def _text(reply: bytes | str) -> str:
