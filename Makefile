@@ -69,7 +69,7 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: lint system-deps
+test: lint system-deps vllm-env
 	$(BIN)/python -m pytest
 
 # The quick loop while developing: no slow tests.

@@ -244,7 +244,12 @@ def load_scoring_model(settings: CoreSettings, adapter: str | None = None) -> Sc
     (AdapterMismatch otherwise, before any weights are loaded).
     """
     from phishgate.core.adapters import check_compatible
-    from phishgate.core.model import load_causal_lm, load_tokenizer, resolve_base_model
+    from phishgate.core.model import (
+        inference_dtype,
+        load_causal_lm,
+        load_tokenizer,
+        resolve_base_model,
+    )
 
     base = resolve_base_model(settings)
     resolved = None
@@ -252,7 +257,8 @@ def load_scoring_model(settings: CoreSettings, adapter: str | None = None) -> Sc
         resolved = resolve_adapter(settings, adapter, settings.home / "adapter-cache")
         check_compatible(resolved.manifest, base_weights_hash=base.weights_hash)
     tokenizer = load_tokenizer(base.path)
-    model = load_causal_lm(base.path, threads=settings.torch_threads)
+    dtype = inference_dtype(settings.inference_dtype)
+    model = load_causal_lm(base.path, dtype, threads=settings.torch_threads)
     if resolved is not None:
         from peft import PeftModel
 

@@ -7,6 +7,7 @@ else receives a settings object from its caller.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -41,6 +42,14 @@ class CoreSettings(BaseSettings):
     )
     torch_threads: int = Field(
         0, ge=0, description="Intra-op threads for torch; 0 keeps torch's default."
+    )
+    inference_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description=(
+            "Weights and activations when scoring. auto: bfloat16 where the hardware does "
+            "bf16 matmuls natively (CUDA, or a CPU with AMX), else float32. Training is "
+            "unaffected."
+        ),
     )
 
     mlflow_tracking_uri: str = Field(

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from phishgate.core.settings import CoreSettings
+
+# Tests compare engines and scorers to 1e-4; "auto" would pick bfloat16 on CPUs with AMX
+# (test_scoring checks bfloat16 against float32 on its own). Servers started as
+# subprocesses inherit it.
+os.environ.setdefault("PHISHGATE_INFERENCE_DTYPE", "float32")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"

@@ -165,3 +165,23 @@ def test_scorer_refuses_emails_rendered_for_another_task(tokenizer: Any) -> None
     with pytest.raises(ValueError, match="spam"):
         scorer.score_batch([_prompt(tokenizer, EMAILS[1], get_task("spam"))])
     assert scorer.score_batch([]) == []
+
+
+def test_inference_dtype_setting() -> None:
+    from phishgate.core.model import inference_dtype
+
+    assert inference_dtype("float32") is torch.float32
+    assert inference_dtype("bfloat16") is torch.bfloat16
+    assert inference_dtype("auto") in (torch.float32, torch.bfloat16)
+
+
+@pytest.mark.slow
+def test_bfloat16_scores_stay_close_to_float32(
+    causal_lm: Any, prepared_model: PreparedModel, tokenizer: Any
+) -> None:
+    prompts = [_prompt(tokenizer, text) for text in EMAILS]
+    fp32 = TransformersScorer(causal_lm, tokenizer, PHISHING).score_batch(prompts)
+    bf16_model = load_causal_lm(prepared_model.path, torch.bfloat16)
+    bf16 = TransformersScorer(bf16_model, tokenizer, PHISHING).score_batch(prompts)
+    for full, half in zip(fp32, bf16, strict=True):
+        assert abs(full.score - half.score) < 0.05

@@ -254,10 +254,15 @@ def _make_engine(
         from phishgate.classifier.engine_vllm import VllmEngine
 
         # Room for the longest prompt (the largest budget) plus the one answer token.
-        return VllmEngine(base.path, max_model_len=max(core.max_input_tokens, 512) + 8)
+        return VllmEngine(
+            base.path,
+            max_model_len=max(core.max_input_tokens, 512) + 8,
+            dtype=None if core.inference_dtype == "auto" else core.inference_dtype,
+        )
     import torch
 
     from phishgate.classifier.engine_transformers import TransformersEngine
+    from phishgate.core.model import inference_dtype
 
     device = settings.device
     if device == "auto":
@@ -267,6 +272,7 @@ def _make_engine(
         base.path,
         pad_id=pad if pad is not None else 0,
         device=device,
+        dtype=inference_dtype(core.inference_dtype),
         threads=core.torch_threads,
     )
 
