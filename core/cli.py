@@ -876,17 +876,9 @@ def _metric(value: float | None) -> str:
 
 
 def _settings() -> CoreSettings:
-    """CoreSettings from the environment; ConfigError naming each invalid variable."""
-    from pydantic import ValidationError
+    from phishgate.core.settings import CoreSettings, load_settings
 
-    from phishgate.core.config_files import describe_validation_error
-    from phishgate.core.settings import CoreSettings
-
-    try:
-        return CoreSettings()
-    except ValidationError as exc:
-        problems = describe_validation_error(exc, env_prefix="PHISHGATE_")
-        raise ConfigError(f"invalid settings: {problems}") from None
+    return load_settings(CoreSettings)
 
 
 def _prepare(settings: CoreSettings) -> tuple[PreparedModel, bool]:

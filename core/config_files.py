@@ -37,7 +37,7 @@ def describe_validation_error(exc: ValidationError, *, env_prefix: str = "") -> 
     problems = []
     for err in exc.errors():
         parts = [str(part) for part in err["loc"]]
-        where = (env_prefix + "_".join(parts)).upper() if env_prefix else ".".join(parts)
+        where = (env_prefix + "_".join(parts)).upper() if env_prefix and parts else ".".join(parts)
         message = str(err["msg"]).removeprefix("Value error, ")
         problems.append(f"{where}: {message}" if where else message)
     return "; ".join(problems)

@@ -173,8 +173,27 @@ def load_causal_lm(
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype or torch.float32, local_files_only=True
     )
+    if model.dtype != torch.float32:
+        _float32_head(model)
     model.eval()
     return model
+
+
+def _float32_head(model: PreTrainedModel) -> None:
+    """Run the output projection in float32 on float32 inputs.
+
+    With logits of the last position only it costs next to nothing, and it keeps the label
+    logits (|logit| ~ 10-30, where bf16 steps by 0.06-0.125) from being rounded into a few
+    coarse probabilities.
+    """
+    import torch
+
+    head = model.get_output_embeddings()
+    if head is None:
+        return
+    # Its own float32 copy: SmolLM2 ties it to the input embeddings, which stay bf16.
+    head.weight = torch.nn.Parameter(head.weight.detach().float().clone(), requires_grad=False)
+    head.register_forward_pre_hook(lambda _module, args: (args[0].float(), *args[1:]))
 
 
 def hash_safetensors_weights(folder: Path) -> str:

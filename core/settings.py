@@ -7,9 +7,9 @@ else receives a settings object from its caller.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
@@ -92,3 +92,22 @@ class CoreSettings(BaseSettings):
     def model_cache_dir(self) -> Path:
         """Folder holding prepared base models, one subfolder each."""
         return self.home / "models"
+
+
+SettingsT = TypeVar("SettingsT", bound=BaseSettings)
+
+
+def load_settings(cls: type[SettingsT], **overrides: Any) -> SettingsT:
+    """`cls` read from the environment, with `overrides` (None values ignored) on top.
+
+    ConfigError naming each invalid field as its environment variable.
+    """
+    from phishgate.core.config_files import describe_validation_error
+    from phishgate.core.errors import ConfigError
+
+    try:
+        return cls(**{key: value for key, value in overrides.items() if value is not None})
+    except ValidationError as exc:
+        prefix = str(cls.model_config.get("env_prefix", ""))
+        problems = describe_validation_error(exc, env_prefix=prefix)
+        raise ConfigError(f"invalid settings: {problems}") from None

@@ -26,11 +26,11 @@ from phishgate.classifier.engine import Engine
 from phishgate.classifier.follower import AdapterSet, TaskTokens, shadow_slot
 from phishgate.classifier.logs import configure_logging
 from phishgate.classifier.metrics import ClassifierMetrics
-from phishgate.classifier.settings import ClassifierSettings, load_settings
+from phishgate.classifier.settings import ClassifierSettings
 from phishgate.classifier.transport import BearerTokenAuth, ClassifierServicer, read_tokens
 from phishgate.core.errors import ConfigError, EngineUnavailable
 from phishgate.core.model import PreparedModel
-from phishgate.core.settings import CoreSettings
+from phishgate.core.settings import CoreSettings, load_settings
 from phishgate.core.tasks import TASKS, get_task
 from phishgate.v1 import classifier_pb2, classifier_pb2_grpc
 
@@ -302,23 +302,10 @@ def _read(path: Any) -> bytes:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
 
 
-def core_settings() -> CoreSettings:
-    """CoreSettings from the environment; ConfigError naming each invalid variable."""
-    from pydantic import ValidationError
-
-    from phishgate.core.config_files import describe_validation_error
-
-    try:
-        return CoreSettings()
-    except ValidationError as exc:
-        problems = describe_validation_error(exc, env_prefix="PHISHGATE_")
-        raise ConfigError(f"invalid settings: {problems}") from None
-
-
 def main() -> None:
     """Run the classifier until SIGTERM/SIGINT (what `phishgate serve classifier` calls)."""
-    settings = load_settings()
-    core = core_settings()
+    settings = load_settings(ClassifierSettings)
+    core = load_settings(CoreSettings)
     configure_logging(settings.log_format, settings.log_level)
     asyncio.run(_serve(settings, core))
 

@@ -10,11 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from phishgate.core.config_files import describe_validation_error, read_yaml_mapping
-from phishgate.core.errors import ConfigError
+from phishgate.core.config_files import read_yaml_mapping
 
 ENV_PREFIX = "PHISHGATE_CLASSIFIER_"
 
@@ -115,13 +114,3 @@ class ClassifierSettings(BaseSettings):
         if unknown:
             raise ValueError(f"shadow names adapters that are not configured: {sorted(unknown)}")
         return self
-
-
-def load_settings() -> ClassifierSettings:
-    """ClassifierSettings from the environment; ConfigError naming each invalid variable."""
-    try:
-        return ClassifierSettings()
-    except ValidationError as exc:
-        raise ConfigError(
-            f"invalid settings: {describe_validation_error(exc, env_prefix=ENV_PREFIX)}"
-        ) from None

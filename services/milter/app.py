@@ -13,10 +13,8 @@ import logging
 import signal
 from typing import Any
 
-from pydantic import ValidationError
-
-from phishgate.core.config_files import describe_validation_error
 from phishgate.core.errors import ConfigError
+from phishgate.core.settings import load_settings
 from phishgate.milter.client import ClassifierClient
 from phishgate.milter.milter import MilterServer
 from phishgate.milter.observability import HealthServer, SidecarMetrics, configure_logging
@@ -26,15 +24,6 @@ from phishgate.milter.settings import ENV_PREFIX, MilterSettings, split_host_por
 from phishgate.milter.smtp import ContentFilter, FilterSMTP
 
 log = logging.getLogger("phishgate.milter.app")
-
-
-def load_settings(**overrides: Any) -> MilterSettings:
-    """MilterSettings from the environment plus `overrides`; ConfigError naming bad fields."""
-    try:
-        return MilterSettings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as exc:
-        problems = describe_validation_error(exc, env_prefix=ENV_PREFIX)
-        raise ConfigError(f"invalid sidecar settings: {problems}") from None
 
 
 async def serve(settings: MilterSettings, stop: asyncio.Event | None = None) -> None:
@@ -119,6 +108,6 @@ def _closer(server: asyncio.Server) -> Any:
 
 def main(mode: str | None = None) -> None:
     """Entry point of `phishgate serve milter`: settings, logs, run until stopped."""
-    settings = load_settings(mode=mode)
+    settings = load_settings(MilterSettings, mode=mode)
     configure_logging(settings.log_format, settings.log_level)
     asyncio.run(serve(settings))
