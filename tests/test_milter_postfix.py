@@ -162,19 +162,21 @@ def milter_flow(
             print(postfix.log_text()[-5000:])
 
 
-@pytest.fixture(scope="module")
-def smtp_flow(
-    tmp: Path, classifier: Classifier, sink: MailSink
+def _filter_flow(
+    tmp: Path, classifier: Classifier, sink: MailSink, name: str, mode: str
 ) -> Iterator[tuple[PostfixInstance, Sidecar]]:
+    """The sidecar in smtp mode behind a Postfix that uses it as `mode`: content_filter
+    (after-queue) or proxy_filter (before-queue); it re-injects to Postfix's second smtpd."""
     reinject = free_port()
     sidecar = Sidecar(tmp, "smtp", f"127.0.0.1:{classifier.port}", next_hop=reinject)
+    sidecar.log = tmp / f"{name}.log"
     postfix = PostfixInstance(
         PostfixConfig(
-            root=tmp / "postfix-smtp",
+            root=tmp / f"postfix-{name}",
             smtpd_port=free_port(),
             relay=("127.0.0.1", sink.port),
-            content_filter=("127.0.0.1", sidecar.port),
             reinject_port=reinject,
+            **{mode: ("127.0.0.1", sidecar.port)},  # type: ignore[arg-type]
         )
     )
     with sidecar:  # stopped on the way out, whatever happens
@@ -182,29 +184,20 @@ def smtp_flow(
         with postfix:
             yield postfix, sidecar
             print(postfix.log_text()[-5000:])
+
+
+@pytest.fixture(scope="module")
+def smtp_flow(
+    tmp: Path, classifier: Classifier, sink: MailSink
+) -> Iterator[tuple[PostfixInstance, Sidecar]]:
+    yield from _filter_flow(tmp, classifier, sink, "smtp", "content_filter")
 
 
 @pytest.fixture(scope="module")
 def proxy_flow(
     tmp: Path, classifier: Classifier, sink: MailSink
 ) -> Iterator[tuple[PostfixInstance, Sidecar]]:
-    reinject = free_port()
-    sidecar = Sidecar(tmp, "smtp", f"127.0.0.1:{classifier.port}", next_hop=reinject)
-    sidecar.log = tmp / "proxy.log"
-    postfix = PostfixInstance(
-        PostfixConfig(
-            root=tmp / "postfix-proxy",
-            smtpd_port=free_port(),
-            relay=("127.0.0.1", sink.port),
-            proxy_filter=("127.0.0.1", sidecar.port),
-            reinject_port=reinject,
-        )
-    )
-    with sidecar:  # stopped on the way out, whatever happens
-        sidecar.start(sidecar.healthy, 60)
-        with postfix:
-            yield postfix, sidecar
-            print(postfix.log_text()[-5000:])
+    yield from _filter_flow(tmp, classifier, sink, "proxy", "proxy_filter")
 
 
 # --- mail ----------------------------------------------------------------------------------
