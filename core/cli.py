@@ -510,10 +510,14 @@ def demo(
 
 
 def _print_demo(out: Console, settings: CoreSettings, result: DemoResult, seconds: float) -> None:
-    mail = Table(title="Held-out test mail: Postfix -> milter sidecar -> classifier")
-    for column in ("#", "truth", "P(phishing)", "action", "outcome"):
-        mail.add_column(column, no_wrap=True)
-    mail.add_column("subject", no_wrap=True, overflow="ellipsis", max_width=28)
+    mail = Table(
+        title="Held-out test mail: Postfix -> milter sidecar -> classifier (score: P(phishing))"
+    )
+    # Widths of the longest values ("legitimate", "quarantine", "delivered"); the subject
+    # takes what is left.
+    for column, width in (("#", 2), ("truth", 10), ("score", 5), ("action", 10), ("outcome", 9)):
+        mail.add_column(column, no_wrap=True, min_width=width)
+    mail.add_column("subject", no_wrap=True, overflow="ellipsis", max_width=24)
     for i, outcome in enumerate(result.mail, 1):
         final = outcome.final
         if final == "rejected":
