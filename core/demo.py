@@ -141,6 +141,7 @@ def train_adapter(
     from phishgate.core.registry import list_versions, mlflow_client
     from phishgate.training.config import load_train_config
     from phishgate.training.job import data_hash, run_training
+    from phishgate.training.ray_cluster import disconnect
 
     current = data_hash(data_dir)
     client = mlflow_client(settings)
@@ -157,7 +158,10 @@ def train_adapter(
             note.append(f"reused version {info.version}")
             return info.version
     config = load_train_config(config_path, [f"data_dir={data_dir}"])
-    outcome = run_training(config, settings, say=say)
+    try:
+        outcome = run_training(config, settings, say=say)
+    finally:
+        disconnect()  # the local Ray would otherwise hold memory and CPU through the demo
     if outcome.version is None:
         raise ConfigError(f"training config {config_path} does not register its adapter")
     note.append(f"version {outcome.version}, dev F1 {outcome.dev_metrics.get('dev_f1', 0):.3f}")
