@@ -8,6 +8,12 @@ the last position only. Its FLOPs, counting a multiply-add as 2:
   2 * 2 * heads * head_dim * (1 + 2 + ... + n) per layer = 2 * heads * head_dim * n(n+1);
 - the LM head, once per email (logits_to_keep=1): 2 * hidden * vocab.
 
+The first `prefix` tokens of every prompt (the task's chat template and system prompt) are
+the same for every email; the service computes their states once per adapter
+(`phishgate.core.scoring.encode_prefix`), so a pass runs the linear layers on the other
+tokens only, whose queries still attend to the prefix's keys. The limit is counted that
+way, and also for a pass over every token (`whole_prompt_emails_per_s`).
+
 Norms, rotary embeddings, activations and softmax are left out (a few percent, not
 matmuls). The best possible emails/s is the measured matmul rate over the mean FLOPs per
 email at the rendered lengths of real messages; no engine can beat it in that dtype.
@@ -72,12 +78,15 @@ def block_params(shape: ModelShape) -> int:
     return shape.layers * (q_o + k_v + mlp)
 
 
-def scoring_flops(shape: ModelShape, n_tokens: int) -> int:
-    """FLOPs of one scoring pass over a prompt of `n_tokens` (see the module docstring)."""
-    if n_tokens < 1:
-        raise ValueError(f"n_tokens must be positive, got {n_tokens}")
-    linear = 2 * block_params(shape) * n_tokens
-    attention = shape.layers * 2 * shape.heads * shape.head_dim * n_tokens * (n_tokens + 1)
+def scoring_flops(shape: ModelShape, n_tokens: int, prefix_tokens: int = 0) -> int:
+    """FLOPs of one scoring pass over a prompt of `n_tokens` whose first `prefix_tokens`
+    were computed beforehand (see the module docstring)."""
+    if not 0 <= prefix_tokens < n_tokens:
+        raise ValueError(f"need 0 <= prefix_tokens < n_tokens, got {prefix_tokens}, {n_tokens}")
+    linear = 2 * block_params(shape) * (n_tokens - prefix_tokens)
+    # Queries prefix..n-1, query i seeing i+1 keys: n(n+1)/2 - p(p+1)/2 dot products.
+    pairs = n_tokens * (n_tokens + 1) - prefix_tokens * (prefix_tokens + 1)
+    attention = shape.layers * 2 * shape.heads * shape.head_dim * pairs
     lm_head = 2 * shape.hidden * shape.vocab
     return linear + attention + lm_head
 
@@ -133,6 +142,8 @@ class Limit:
     flops_per_token: float
     emails_per_s: float
     tokens_per_s: float
+    prefix_tokens: int = 0
+    whole_prompt_emails_per_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -143,6 +154,8 @@ class Limit:
             "flops_per_token": self.flops_per_token,
             "emails_per_s": self.emails_per_s,
             "tokens_per_s": self.tokens_per_s,
+            "prefix_tokens": self.prefix_tokens,
+            "whole_prompt_emails_per_s": self.whole_prompt_emails_per_s,
         }
 
     @classmethod
@@ -155,14 +168,22 @@ class Limit:
             flops_per_token=float(data["flops_per_token"]),
             emails_per_s=float(data["emails_per_s"]),
             tokens_per_s=float(data["tokens_per_s"]),
+            prefix_tokens=int(data.get("prefix_tokens", 0)),
+            whole_prompt_emails_per_s=float(
+                data.get("whole_prompt_emails_per_s", data["emails_per_s"])
+            ),
         )
 
 
-def physical_limit(rate: MatmulRate, shape: ModelShape, token_lengths: Sequence[int]) -> Limit:
-    """Emails/s and tokens/s if every FLOP of every scoring pass ran at `rate`."""
+def physical_limit(
+    rate: MatmulRate, shape: ModelShape, token_lengths: Sequence[int], prefix_tokens: int = 0
+) -> Limit:
+    """Emails/s and tokens/s (prompt tokens, prefix included) if every FLOP of every scoring
+    pass ran at `rate`, the shared `prefix_tokens` computed once."""
     if not token_lengths:
         raise ValueError("no token lengths")
-    mean_flops = statistics.fmean(scoring_flops(shape, n) for n in token_lengths)
+    mean_flops = statistics.fmean(scoring_flops(shape, n, prefix_tokens) for n in token_lengths)
+    whole_flops = statistics.fmean(scoring_flops(shape, n) for n in token_lengths)
     mean_tokens = statistics.fmean(token_lengths)
     emails_per_s = rate.flops_per_s / mean_flops
     return Limit(
@@ -173,4 +194,6 @@ def physical_limit(rate: MatmulRate, shape: ModelShape, token_lengths: Sequence[
         flops_per_token=mean_flops / mean_tokens,
         emails_per_s=emails_per_s,
         tokens_per_s=emails_per_s * mean_tokens,
+        prefix_tokens=prefix_tokens,
+        whole_prompt_emails_per_s=rate.flops_per_s / whole_flops,
     )

@@ -183,8 +183,12 @@ def _limit_section(inputs: ReportInputs) -> Iterator[str]:
     )
     yield f"| FLOPs per token of a scoring pass | {limit.flops_per_token / 1e9:.3f} GFLOP |"
     yield f"| mean tokens per email ({limit.emails} emails) | {limit.mean_tokens:.0f} |"
+    yield f"| of which the shared prefix, computed once | {limit.prefix_tokens} |"
     yield f"| best possible emails/s | {limit.emails_per_s:.2f} |"
     yield f"| best possible tokens/s | {limit.tokens_per_s:.0f} |"
+    yield (
+        f"| best possible emails/s computing every token | {limit.whole_prompt_emails_per_s:.2f} |"
+    )
     if inputs.load is not None:
         best = _best_rps(inputs.load)
         mean_tokens = float(inputs.load.payloads.get("mean_tokens", limit.mean_tokens))
@@ -193,6 +197,9 @@ def _limit_section(inputs: ReportInputs) -> Iterator[str]:
             f"{best * mean_tokens:.0f} tokens/s |"
         )
         yield f"| fraction of the limit | {best / limit.emails_per_s:.1%} |"
+        yield (
+            f"| fraction of the every-token limit | {best / limit.whole_prompt_emails_per_s:.1%} |"
+        )
     yield ""
 
 

@@ -130,13 +130,17 @@ def run_limit(
 ) -> Limit:
     """Matmul rate and FLOPs per email at the payloads' token lengths; writes limit.json."""
     from phishgate.bench.limit import ModelShape, measure_matmul_rate, physical_limit
-    from phishgate.core.model import prepare_base_model
+    from phishgate.core.model import load_tokenizer, prepare_base_model
+    from phishgate.core.scoring import prompt_prefix_ids
+    from phishgate.core.tasks import get_task
 
     payloads = ensure_payloads(settings, out_dir, source, say)
-    shape = ModelShape.from_checkpoint(prepare_base_model(settings).path)
+    base = prepare_base_model(settings)
+    shape = ModelShape.from_checkpoint(base.path)
+    prefix = prompt_prefix_ids(load_tokenizer(base.path), get_task(payloads.task))
     say(f"timing {repeats} {dtype} matmuls of {size}x{size}")
     rate = measure_matmul_rate(size, repeats, dtype, settings.torch_threads)
-    limit = physical_limit(rate, shape, [p.n_tokens for p in payloads.payloads])
+    limit = physical_limit(rate, shape, [p.n_tokens for p in payloads.payloads], len(prefix))
     _write_json(out_dir / LIMIT_JSON, limit.to_dict())
     return limit
 

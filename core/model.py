@@ -136,10 +136,11 @@ def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def inference_dtype(setting: str) -> torch.dtype:
-    """The torch dtype for scoring: `setting` itself, or for "auto" bfloat16 on hardware
-    with native bf16 matmuls (CUDA; x86 CPUs with AMX, ~4x fp32's rate measured here) and
-    float32 elsewhere (without AMX, CPU bf16 is slower than fp32)."""
+def compute_dtype(setting: str) -> torch.dtype:
+    """The torch dtype for scoring (settings.inference_dtype) or training (TrainConfig.dtype):
+    `setting` itself, or for "auto" bfloat16 on hardware with native bf16 matmuls (CUDA;
+    x86 CPUs with AMX, ~4x fp32's rate measured here) and float32 elsewhere (without AMX,
+    CPU bf16 is slower than fp32)."""
     import torch
 
     if setting != "auto":
@@ -158,11 +159,12 @@ def _cpu_has_amx() -> bool:
 
 
 def load_causal_lm(
-    path: Path, dtype: torch.dtype | None = None, *, threads: int = 0
+    path: Path, dtype: torch.dtype | None = None, *, threads: int = 0, **loading: Any
 ) -> PreTrainedModel:
     """The checkpoint's causal LM in eval mode, in `dtype` (float32 by default).
 
     `threads` > 0 sets torch's intra-op thread count (settings.torch_threads); 0 leaves it.
+    `loading` goes to `from_pretrained` (e.g. quantization_config, device_map).
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -171,29 +173,31 @@ def load_causal_lm(
     if threads > 0:
         torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype or torch.float32, local_files_only=True
+        path, dtype=dtype or torch.float32, local_files_only=True, **loading
     )
-    if model.dtype != torch.float32:
-        _float32_head(model)
+    _prepare_head(model)
     model.eval()
     return model
 
 
-def _float32_head(model: PreTrainedModel) -> None:
-    """Run the output projection in float32 on float32 inputs.
+def _prepare_head(model: PreTrainedModel) -> None:
+    """Run the output projection in float32, on a contiguous input.
 
-    With logits of the last position only it costs next to nothing, and it keeps the label
-    logits (|logit| ~ 10-30, where bf16 steps by 0.06-0.125) from being rounded into a few
-    coarse probabilities.
+    float32: with logits of a few positions only it costs next to nothing, and in a bf16
+    model it keeps the label logits (|logit| ~ 10-30, where bf16 steps by 0.06-0.125) from
+    being rounded into a few coarse probabilities. Contiguous: `logits_to_keep` > 1 hands
+    the head a strided slice, on which CPU `F.linear` falls back to a batched matmul that
+    copies the whole vocabulary matrix once per row (about 1 GB per training step).
     """
     import torch
 
     head = model.get_output_embeddings()
     if head is None:
         return
-    # Its own float32 copy: SmolLM2 ties it to the input embeddings, which stay bf16.
-    head.weight = torch.nn.Parameter(head.weight.detach().float().clone(), requires_grad=False)
-    head.register_forward_pre_hook(lambda _module, args: (args[0].float(), *args[1:]))
+    if head.weight.dtype != torch.float32:
+        # Its own float32 copy: SmolLM2 ties it to the input embeddings, which stay bf16.
+        head.weight = torch.nn.Parameter(head.weight.detach().float().clone(), requires_grad=False)
+    head.register_forward_pre_hook(lambda _module, args: (args[0].float().contiguous(), *args[1:]))
 
 
 def hash_safetensors_weights(folder: Path) -> str:

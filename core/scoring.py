@@ -4,6 +4,11 @@ The model's answer starts with a label word. The score of an email is the softma
 label words' first-token logits at the answer position, the position right after the chat
 template's generation prompt: one forward pass, logits of the last position only, no
 sampling and no parsing of generated text.
+
+Every prompt of a task starts with the same tokens (the chat template and the system
+prompt, ~70 of ~250 at a 256-token budget). Their key/value states depend on nothing else,
+so they are computed once per model (`encode_prefix`) and each forward pass runs the rest
+of each prompt only (`last_position_logits`); the scores are those of the whole prompt.
 """
 
 from __future__ import annotations
@@ -125,11 +130,140 @@ def decide(
     )
 
 
+def prompt_prefix_ids(tokenizer: PreTrainedTokenizerBase, task: Task) -> tuple[int, ...]:
+    """The tokens every prompt of `task` starts with: the chat template up to the email.
+
+    Found as the common start of two templated probe conversations, so a tokenizer that
+    merges the template's last token with the email's first one cannot make it wrong.
+    """
+    first, second = (
+        _template(
+            tokenizer,
+            [{"role": "system", "content": task.system_prompt}, {"role": "user", "content": u}],
+            add_generation_prompt=True,
+        )
+        for u in (_PROBE_EMAIL, "Subject: other\n\n" + _PROBE_EMAIL[::-1])
+    )
+    n = 0
+    while n < min(len(first), len(second)) and first[n] == second[n]:
+        n += 1
+    return tuple(first[:n])
+
+
+@dataclass(frozen=True)
+class PromptPrefix:
+    """The key/value states of `ids` in one model (one adapter): per decoder layer, keys
+    and values shaped [1, kv_heads, len(ids), head_dim]."""
+
+    ids: tuple[int, ...]
+    layers: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+    def starts(self, prompt: Sequence[int]) -> bool:
+        return continues(prompt, self.ids)
+
+
+def continues(prompt: Sequence[int], prefix: Sequence[int]) -> bool:
+    """Whether `prompt` is `prefix` followed by at least one more token."""
+    return len(prompt) > len(prefix) and tuple(prompt[: len(prefix)]) == tuple(prefix)
+
+
+def encode_prefix(
+    model: torch.nn.Module, ids: Sequence[int], *, adapter_name: str | None = None
+) -> PromptPrefix:
+    """The PromptPrefix of `ids` under `model` (with PEFT, under adapter `adapter_name`)."""
+    device = next(model.parameters()).device
+    kwargs = {} if adapter_name is None else {"adapter_names": [adapter_name]}
+    with torch.inference_mode():
+        cache = model(
+            input_ids=torch.tensor([list(ids)], dtype=torch.long, device=device),
+            use_cache=True,
+            logits_to_keep=1,
+            **kwargs,
+        ).past_key_values
+    return PromptPrefix(tuple(ids), tuple((lay.keys, lay.values) for lay in cache.layers))
+
+
+def last_position_logits(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    pad_id: int,
+    *,
+    prefixes: Sequence[PromptPrefix | None] | None = None,
+    adapter_names: Sequence[str] | None = None,
+) -> torch.Tensor:
+    """[batch, vocab] logits at each prompt's last token, from one forward pass.
+
+    `prefixes[i]`, when given, must be a proper start of `prompts[i]` computed under the
+    row's adapter (`adapter_names[i]` for PEFT mixed batches): its states are reused and
+    only the rest of the prompt runs. Rows are laid out [padding | prefix | padding | rest]
+    with real-token positions, so each row scores as it would alone.
+    """
+    rows = list(prefixes) if prefixes is not None else [None] * len(prompts)
+    if len(rows) != len(prompts):
+        raise ValueError(f"{len(rows)} prefixes for {len(prompts)} prompts")
+    if any(p is not None and not p.starts(prompt) for p, prompt in zip(rows, prompts, strict=True)):
+        raise ValueError("a prompt does not continue its prefix")
+    lengths = [len(p.ids) if p is not None else 0 for p in rows]
+    input_ids, attention_mask, position_ids = left_pad(
+        [prompt[n:] for prompt, n in zip(prompts, lengths, strict=True)], pad_id
+    )
+    device = next(model.parameters()).device
+    kwargs: dict[str, object] = {}
+    if adapter_names is not None:
+        kwargs["adapter_names"] = list(adapter_names)
+    width = max(lengths)
+    if width:
+        kwargs["past_key_values"] = _stacked_cache(model, rows, width, device)
+        kwargs["use_cache"] = True
+        prefix_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, n in enumerate(lengths):
+            prefix_mask[row, width - n :] = 1
+        attention_mask = torch.cat([prefix_mask, attention_mask], dim=1)
+        position_ids = position_ids + torch.tensor(lengths).unsqueeze(1)
+    else:
+        kwargs["use_cache"] = False
+    with torch.inference_mode():
+        output = model(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            position_ids=position_ids.to(device),
+            logits_to_keep=1,
+            **kwargs,
+        )
+    return output.logits[:, -1, :]
+
+
+def _stacked_cache(
+    model: torch.nn.Module,
+    rows: Sequence[PromptPrefix | None],
+    width: int,
+    device: torch.device,
+) -> object:
+    """A DynamicCache holding each row's prefix states, left-padded with zeros to `width`."""
+    from transformers import DynamicCache
+
+    template = next(p for p in rows if p is not None)
+    layers = []
+    for layer, states in enumerate(template.layers):
+        pair = []
+        for kind, like in enumerate(states):  # keys, then values
+            batch = like.new_zeros((len(rows), like.shape[1], width, like.shape[3]))
+            for row, prefix in enumerate(rows):
+                if prefix is not None:
+                    own = prefix.layers[layer][kind]
+                    batch[row, :, width - own.shape[2] :] = own[0]
+            pair.append(batch.to(device))
+        layers.append((pair[0], pair[1]))
+    config = getattr(model, "config", None)
+    return DynamicCache(ddp_cache_data=layers, config=config)
+
+
 class TransformersScorer:
     """Scores rendered emails with a causal LM (a transformers model or a PEFT wrapper).
 
-    Only the model's forward is used: input_ids, attention_mask, position_ids and
-    logits_to_keep=1.
+    Only the model's forward is used (`last_position_logits`). The task's prompt prefix is
+    encoded on first use and reused after, so a scorer is for fixed weights: make a new
+    one after training steps.
     """
 
     def __init__(
@@ -149,6 +283,8 @@ class TransformersScorer:
         pad = tokenizer.pad_token_id
         # Padding sits under a zero attention mask, so any id will do when none is set.
         self.pad_id: int = pad if pad is not None else 0
+        self.prefix_ids = prompt_prefix_ids(tokenizer, task)
+        self._prefix: PromptPrefix | None = None
 
     def score_batch(self, rendered: Sequence[Rendered], threshold: float = 0.5) -> list[Score]:
         """One Score per email, in input order.
@@ -182,17 +318,11 @@ class TransformersScorer:
 
     def _label_probabilities(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
         """One left-padded forward pass; label probabilities at each prompt's last token."""
-        input_ids, attention_mask, position_ids = left_pad(prompts, self.pad_id)
-        device = next(self.model.parameters()).device
-        with torch.inference_mode():
-            output = self.model(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                position_ids=position_ids.to(device),
-                logits_to_keep=1,
-                use_cache=False,
-            )
-        return label_probabilities(output.logits[:, -1, :], self.label_ids).cpu()
+        if self._prefix is None:
+            self._prefix = encode_prefix(self.model, self.prefix_ids)
+        prefixes = [self._prefix if self._prefix.starts(p) else None for p in prompts]
+        logits = last_position_logits(self.model, prompts, self.pad_id, prefixes=prefixes)
+        return label_probabilities(logits, self.label_ids).cpu()
 
 
 def left_pad(

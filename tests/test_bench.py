@@ -172,6 +172,12 @@ def test_flops_of_smollm2_135m_by_hand(prepared_model: Any) -> None:
     lm_head = 2 * 576 * 49152  # last position only
     assert scoring_flops(shape, n) == linear + attention + lm_head == 90_534_703_104
     assert scoring_flops(shape, n) / n / 1e9 == pytest.approx(0.2263, abs=1e-4)
+    # A shared prefix of 70 tokens computed once: its linear layers and its own queries go.
+    prefix_linear = 2 * 106_168_320 * (n - 70)
+    prefix_attention = 30 * 2 * (9 * 64) * (n * (n + 1) - 70 * 71)
+    assert scoring_flops(shape, n, 70) == prefix_linear + prefix_attention + lm_head
+    with pytest.raises(ValueError, match="prefix_tokens"):
+        scoring_flops(shape, 70, 70)
 
 
 def test_block_params_match_the_checkpoint(prepared_model: Any) -> None:
@@ -196,7 +202,15 @@ def test_physical_limit_arithmetic() -> None:
     assert limit.mean_flops_per_email == pytest.approx(mean_flops, rel=1e-12)
     assert limit.emails_per_s == pytest.approx(1e11 / mean_flops, rel=1e-12)
     assert limit.tokens_per_s == pytest.approx(limit.emails_per_s * 200, rel=1e-12)
+    assert limit.whole_prompt_emails_per_s == pytest.approx(limit.emails_per_s, rel=1e-12)
     assert Limit.from_dict(json.loads(json.dumps(limit.to_dict()))) == limit
+
+    reused = physical_limit(rate, shape, [100, 300], prefix_tokens=60)
+    reused_flops = (scoring_flops(shape, 100, 60) + scoring_flops(shape, 300, 60)) / 2
+    assert reused.emails_per_s == pytest.approx(1e11 / reused_flops, rel=1e-12)
+    assert reused.tokens_per_s == pytest.approx(reused.emails_per_s * 200, rel=1e-12)
+    assert reused.whole_prompt_emails_per_s == pytest.approx(limit.emails_per_s, rel=1e-12)
+    assert Limit.from_dict(json.loads(json.dumps(reused.to_dict()))) == reused
 
 
 def test_matmul_rate_is_measured() -> None:

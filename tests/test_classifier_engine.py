@@ -34,11 +34,15 @@ def test_a_mixed_batch_scores_each_row_as_its_adapter_alone(
     from phishgate.classifier.engine import EngineRow
     from phishgate.classifier.engine_transformers import TransformersEngine
     from phishgate.core.model import load_causal_lm
-    from phishgate.core.scoring import TransformersScorer
+    from phishgate.core.scoring import TransformersScorer, prompt_prefix_ids
 
     task = get_task("phishing")
     first, second = trained_adapters
-    engine = TransformersEngine(prepared_model.path, pad_id=tokenizer.pad_token_id)
+    engine = TransformersEngine(
+        prepared_model.path,
+        pad_id=tokenizer.pad_token_id,
+        prefixes=[prompt_prefix_ids(tokenizer, t) for t in (task, get_task("spam"))],
+    )
     engine.load_adapter("phishing@1", first)
     engine.load_adapter("phishing@2", second)
     assert engine.adapter_keys() == {"phishing@1", "phishing@2"}

@@ -142,6 +142,46 @@ def test_batched_scores_equal_single_and_full_forward_scores(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_every_rendered_prompt_starts_with_the_tasks_prompt_prefix(
+    tokenizer: Any, name: str
+) -> None:
+    from phishgate.core.scoring import continues, prompt_prefix_ids
+
+    task = get_task(name)
+    prefix = prompt_prefix_ids(tokenizer, task)
+    assert len(prefix) > 40  # the chat template and the system prompt
+    assert tokenizer.decode(prefix).rstrip().endswith("user")
+    for text in EMAILS:
+        raw = text.replace("\n\n", "\r\n\r\n", 1).replace("\n", "\r\n").encode()
+        assert continues(render_email(raw, task, tokenizer, 256).prompt_ids, prefix)
+    others = {prompt_prefix_ids(tokenizer, t) for t in TASKS.values() if t.name != name}
+    assert prefix not in others
+
+
+@pytest.mark.slow
+def test_a_reused_prefix_gives_the_whole_prompts_logits(causal_lm: Any, tokenizer: Any) -> None:
+    from phishgate.core.scoring import encode_prefix, last_position_logits, prompt_prefix_ids
+
+    prompts = [_prompt(tokenizer, text).prompt_ids for text in EMAILS]
+    prefix = encode_prefix(causal_lm, prompt_prefix_ids(tokenizer, PHISHING))
+    assert all(prefix.starts(p) for p in prompts)
+    whole = last_position_logits(causal_lm, prompts, tokenizer.pad_token_id)
+    # Rows with and without the prefix in one batch, of different lengths.
+    mixed = [prefix if i % 2 == 0 else None for i in range(len(prompts))]
+    reused = last_position_logits(causal_lm, prompts, tokenizer.pad_token_id, prefixes=mixed)
+    torch.testing.assert_close(reused, whole, rtol=1e-4, atol=2e-4)
+    for prompt, row in zip(prompts, whole, strict=True):
+        with torch.inference_mode():
+            alone = causal_lm(input_ids=torch.tensor([prompt])).logits[0, -1]
+        torch.testing.assert_close(row, alone, rtol=1e-4, atol=2e-4)
+
+    spam_prefix = encode_prefix(causal_lm, prompt_prefix_ids(tokenizer, get_task("spam")))
+    with pytest.raises(ValueError, match="does not continue its prefix"):
+        last_position_logits(causal_lm, prompts[:1], 0, prefixes=[spam_prefix])
+
+
+@pytest.mark.slow
 def test_scorer_needs_nothing_but_forward(causal_lm: Any, tokenizer: Any) -> None:
     class Wrapper(torch.nn.Module):
         """Like a PeftModel: a module whose forward delegates to the causal LM."""
@@ -168,11 +208,11 @@ def test_scorer_refuses_emails_rendered_for_another_task(tokenizer: Any) -> None
 
 
 def test_inference_dtype_setting() -> None:
-    from phishgate.core.model import inference_dtype
+    from phishgate.core.model import compute_dtype
 
-    assert inference_dtype("float32") is torch.float32
-    assert inference_dtype("bfloat16") is torch.bfloat16
-    assert inference_dtype("auto") in (torch.float32, torch.bfloat16)
+    assert compute_dtype("float32") is torch.float32
+    assert compute_dtype("bfloat16") is torch.bfloat16
+    assert compute_dtype("auto") in (torch.float32, torch.bfloat16)
 
 
 @pytest.mark.slow

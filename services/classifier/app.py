@@ -262,7 +262,8 @@ def _make_engine(
     import torch
 
     from phishgate.classifier.engine_transformers import TransformersEngine
-    from phishgate.core.model import inference_dtype
+    from phishgate.core.model import compute_dtype
+    from phishgate.core.scoring import prompt_prefix_ids
 
     device = settings.device
     if device == "auto":
@@ -272,8 +273,9 @@ def _make_engine(
         base.path,
         pad_id=pad if pad is not None else 0,
         device=device,
-        dtype=inference_dtype(core.inference_dtype),
+        dtype=compute_dtype(core.inference_dtype),
         threads=core.torch_threads,
+        prefixes=[prompt_prefix_ids(tokenizer, task) for task in TASKS.values()],
     )
 
 

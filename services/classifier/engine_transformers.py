@@ -2,9 +2,11 @@
 
 Adapters are loaded into one PeftModel under their versioned keys; a batch whose rows use
 different adapters (or none) is one forward pass with PEFT's `adapter_names` argument
-("__base__" for base-model rows). Rows are left padded with real-token positions
-(`phishgate.core.scoring.left_pad`) and only the last position's logits are computed, so
-every row scores exactly as it would alone.
+("__base__" for base-model rows). Rows are left padded with real-token positions and only
+the last position's logits are computed (`phishgate.core.scoring.last_position_logits`),
+so every row scores exactly as it would alone. The prompt prefixes given at construction
+(each task's chat template and system prompt) are encoded once per adapter, and a row
+that starts with one runs only the rest of its prompt.
 """
 
 from __future__ import annotations
@@ -18,7 +20,13 @@ import torch
 
 from phishgate.classifier.engine import EngineRow
 from phishgate.core.model import load_causal_lm
-from phishgate.core.scoring import label_probabilities, left_pad
+from phishgate.core.scoring import (
+    PromptPrefix,
+    continues,
+    encode_prefix,
+    label_probabilities,
+    last_position_logits,
+)
 
 BASE = "__base__"  # PEFT's name for "no adapter" in `adapter_names`
 
@@ -36,12 +44,16 @@ class TransformersEngine:
         device: str = "cpu",
         dtype: torch.dtype | None = None,
         threads: int = 0,
+        prefixes: Sequence[Sequence[int]] = (),
     ) -> None:
         self._base: Any = load_causal_lm(base_path, dtype, threads=threads).to(device)
         self._peft: Any = None  # the PeftModel wrapping _base, once an adapter is loaded
         self._keys: set[str] = set()
         self._pad_id = pad_id
         self._device = torch.device(device)
+        # Longest first, so a row takes the longest prefix it starts with.
+        self._prefix_ids = sorted({tuple(p) for p in prefixes if p}, key=len, reverse=True)
+        self._prefixes: dict[tuple[str, tuple[int, ...]], PromptPrefix] = {}
 
     def load_adapter(self, key: str, path: Path) -> None:
         if key == BASE or "." in key:
@@ -57,11 +69,14 @@ class TransformersEngine:
         self._peft.to(self._device)
         self._peft.eval()
         self._keys.add(key)
+        for ids in self._prefix_ids:
+            self._prefix(key, ids)
 
     def unload_adapter(self, key: str) -> None:
         if key not in self._keys:
             raise KeyError(key)
         self._keys.discard(key)
+        self._prefixes = {k: p for k, p in self._prefixes.items() if k[0] != key}
         if self._keys:
             with warnings.catch_warnings():  # "was active, now deleted": no adapter is active
                 warnings.simplefilter("ignore", UserWarning)
@@ -80,23 +95,14 @@ class TransformersEngine:
         unknown = {row.adapter_key for row in rows if row.adapter_key is not None} - self._keys
         if unknown:
             raise KeyError(f"adapters not loaded: {sorted(unknown)}")
-        input_ids, attention_mask, position_ids = left_pad(
-            [row.prompt_ids for row in rows], self._pad_id
-        )
-        kwargs: dict[str, Any] = {}
-        model = self._base
+        prompts = [row.prompt_ids for row in rows]
+        prefixes = [self._row_prefix(row) for row in rows]
+        model, names = self._base, None
         if self._peft is not None:
-            model = self._peft
-            kwargs["adapter_names"] = [row.adapter_key or BASE for row in rows]
-        with torch.inference_mode():
-            logits = model(
-                input_ids=input_ids.to(self._device),
-                attention_mask=attention_mask.to(self._device),
-                position_ids=position_ids.to(self._device),
-                logits_to_keep=1,
-                use_cache=False,
-                **kwargs,
-            ).logits[:, -1, :]
+            model, names = self._peft, [row.adapter_key or BASE for row in rows]
+        logits = last_position_logits(
+            model, prompts, self._pad_id, prefixes=prefixes, adapter_names=names
+        )
         # Rows may belong to tasks with different label words: one softmax per label set.
         out: list[tuple[float, ...]] = [()] * len(rows)
         by_labels: dict[tuple[int, ...], list[int]] = {}
@@ -108,7 +114,25 @@ class TransformersEngine:
                 out[i] = tuple(values)
         return out
 
+    def _row_prefix(self, row: EngineRow) -> PromptPrefix | None:
+        for ids in self._prefix_ids:
+            if continues(row.prompt_ids, ids):
+                return self._prefix(row.adapter_key or BASE, ids)
+        return None
+
+    def _prefix(self, key: str, ids: tuple[int, ...]) -> PromptPrefix:
+        """The states of `ids` under adapter `key` (BASE: the base model), encoded once."""
+        found = self._prefixes.get((key, ids))
+        if found is None:
+            if self._peft is None:
+                found = encode_prefix(self._base, ids)
+            else:
+                found = encode_prefix(self._peft, ids, adapter_name=key)
+            self._prefixes[(key, ids)] = found
+        return found
+
     def close(self) -> None:
         self._peft = None
         self._base = None
         self._keys.clear()
+        self._prefixes.clear()
