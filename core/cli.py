@@ -220,6 +220,14 @@ def train(
         list[str] | None,
         typer.Option("--set", help="Override a config key: --set epochs=2 --set lora.r=16."),
     ] = None,
+    no_ray: Annotated[
+        bool,
+        typer.Option(
+            "--no-ray",
+            help="Run the same training loop in this process, without Ray (one worker): "
+            "for debugging, and to measure what Ray costs.",
+        ),
+    ] = False,
 ) -> None:
     """Train a LoRA adapter with Ray Train, track it in MLflow, register it as challenger."""
     from phishgate.training.config import load_train_config
@@ -228,7 +236,7 @@ def train(
     settings = _settings()
     job = load_train_config(config, overrides or [])
     out = Console()
-    outcome = run_training(job, settings, say=out.print)
+    outcome = run_training(job, settings, say=out.print, use_ray=not no_ray)
     out.print(
         _grid(
             ("run", outcome.run_id),

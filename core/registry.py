@@ -245,7 +245,7 @@ def load_scoring_model(settings: CoreSettings, adapter: str | None = None) -> Sc
     """
     from phishgate.core.adapters import check_compatible
     from phishgate.core.model import (
-        inference_dtype,
+        compute_dtype,
         load_causal_lm,
         load_tokenizer,
         resolve_base_model,
@@ -257,7 +257,7 @@ def load_scoring_model(settings: CoreSettings, adapter: str | None = None) -> Sc
         resolved = resolve_adapter(settings, adapter, settings.home / "adapter-cache")
         check_compatible(resolved.manifest, base_weights_hash=base.weights_hash)
     tokenizer = load_tokenizer(base.path)
-    dtype = inference_dtype(settings.inference_dtype)
+    dtype = compute_dtype(settings.inference_dtype)
     model = load_causal_lm(base.path, dtype, threads=settings.torch_threads)
     if resolved is not None:
         from peft import PeftModel

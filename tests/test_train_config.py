@@ -45,6 +45,8 @@ def test_overrides_apply_with_yaml_types(tmp_path: Path) -> None:
         ("task: malware\n", [], "task"),
         ("epochs: 1\n", ["epochs"], "key=value"),
         ("epochs: 1\n", ["batch_size=-2"], "batch_size"),
+        ("epochs: 1\n", ["dtype=float16"], "dtype"),
+        ("epochs: 1\n", ["cpus_per_worker=0"], "cpus_per_worker"),
         ("- a list\n", [], "mapping"),
         ("epochs: [\n", [], "not valid YAML"),
     ],
@@ -91,3 +93,29 @@ def test_four_bit_without_cuda_is_refused(tmp_path: Path) -> None:
     config = load_train_config(None, ["quantize_4bit=true"])
     with pytest.raises(ConfigError, match="quantize_4bit: CUDA is not available"):
         check_before_work(config, CoreSettings(home=tmp_path))
+
+
+def test_training_without_ray_runs_one_worker(tmp_path: Path) -> None:
+    from phishgate.training.job import run_training
+
+    config = load_train_config(None, ["num_workers=2"])
+    with pytest.raises(ConfigError, match="num_workers: training without Ray runs exactly one"):
+        run_training(config, CoreSettings(home=tmp_path), use_ray=False)
+
+
+def test_data_rendered_by_another_prompt_version_is_refused_and_the_budget_is_the_cards(
+    tmp_path: Path,
+) -> None:
+    from phishgate.training.job import data_budget
+
+    settings = CoreSettings(home=tmp_path / "home", max_input_tokens=512)
+    data = tmp_path / "data"
+    _split(data / "train.jsonl", ["legitimate", "phishing"])
+    _split(data / "dev.jsonl", ["legitimate", "phishing"])
+    assert data_budget(data, settings) == 512  # no card: the settings' budget
+    card = {"prompt_version": "pg-prompt-0", "max_input_tokens": 256}
+    (data / "card.json").write_text(json.dumps(card))
+    config = load_train_config(None, [f"data_dir={data}"])
+    with pytest.raises(ConfigError, match="rendered with prompt 'pg-prompt-0'"):
+        check_before_work(config, settings)
+    assert data_budget(data, settings) == 256

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from phishgate.core.settings import CoreSettings
 
@@ -21,25 +22,31 @@ def trained(
     from phishgate.training.job import run_training
     from phishgate.training.ray_cluster import disconnect
 
-    home = tmp_path_factory.mktemp("train-home")
-    (home / "models").symlink_to(prepared_model.path.parent, target_is_directory=True)
-    settings = CoreSettings(home=home, max_input_tokens=256)
-    config = load_train_config(
-        None,
-        [
-            f"data_dir={tiny_dataset}",
-            "batch_size=4",
-            "epochs=1",
-            "learning_rate=1e-3",
-            "lora.r=4",
-            "lora.top_layers=2",
-        ],
-    )
+    settings = _settings(tmp_path_factory, prepared_model)
+    config = load_train_config(None, _overrides(tiny_dataset))
     try:
         outcome = run_training(config, settings, say=lambda _: None)
     finally:
         disconnect()
     return settings, outcome
+
+
+def _settings(factory: pytest.TempPathFactory, prepared_model: Any) -> CoreSettings:
+    home = factory.mktemp("train-home")
+    (home / "models").symlink_to(prepared_model.path.parent, target_is_directory=True)
+    return CoreSettings(home=home, max_input_tokens=256)
+
+
+def _overrides(data_dir: Path) -> list[str]:
+    """A few steps; LoRA on the top 2 layers, so the frozen 28 below are run once."""
+    return [
+        f"data_dir={data_dir}",
+        "batch_size=4",
+        "epochs=1",
+        "learning_rate=1e-3",
+        "lora.r=4",
+        "lora.top_layers=2",
+    ]
 
 
 def test_a_version_is_registered_as_challenger(trained: Any) -> None:
@@ -64,6 +71,42 @@ def test_the_run_has_params_and_per_epoch_metrics(trained: Any) -> None:
     assert run.data.tags["git_commit"]
     epochs = [m.step for m in client.get_metric_history(outcome.run_id, "dev_f1")]
     assert epochs == [0, 1]  # the base model before training, then the epoch
+
+
+def test_the_run_logs_the_best_epochs_dev_scores_and_plots_beside_the_adapter(
+    trained: Any,
+) -> None:
+    from phishgate.core.registry import mlflow_client
+
+    settings, outcome = trained
+    client = mlflow_client(settings)
+    evals = {Path(a.path).name for a in client.list_artifacts(outcome.run_id, "eval")}
+    assert {"dev_scores.json", "roc.png", "pr.png", "calibration.png", "confusion.png"} <= evals
+    adapter = {Path(a.path).name for a in client.list_artifacts(outcome.run_id, "adapter")}
+    assert "adapter_model.safetensors" in adapter and "dev_scores.json" not in adapter
+
+
+def test_training_without_ray_gives_the_adapter_ray_train_gives(
+    trained: Any,
+    tmp_path_factory: pytest.TempPathFactory,
+    prepared_model: Any,
+    tiny_dataset: Path,
+) -> None:
+    from safetensors.torch import load_file
+
+    from phishgate.training.config import load_train_config
+    from phishgate.training.job import run_training
+
+    _, on_ray = trained
+    config = load_train_config(None, [*_overrides(tiny_dataset), "register_version=false"])
+    settings = _settings(tmp_path_factory, prepared_model)
+    local = run_training(config, settings, say=lambda _: None, use_ray=False)
+    assert local.version is None and local.best_epoch == on_ray.best_epoch
+    ray_weights = load_file(str(on_ray.adapter_dir / "adapter_model.safetensors"))
+    local_weights = load_file(str(local.adapter_dir / "adapter_model.safetensors"))
+    assert set(local_weights) == set(ray_weights)
+    for name, tensor in ray_weights.items():
+        torch.testing.assert_close(local_weights[name], tensor, rtol=1e-4, atol=1e-6)
 
 
 def test_the_registered_adapter_describes_itself_and_only_lora_weights_changed(

@@ -7,7 +7,7 @@ impossible values fail before any work starts, with the field named.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -69,7 +69,25 @@ class TrainConfig(BaseModel):
     quantize_4bit: bool = Field(
         False, description="QLoRA: load the base model in 4 bits with bitsandbytes (CUDA only)."
     )
-    torch_threads: int = Field(0, ge=0, description="Threads per worker; 0: all cores.")
+    cpus_per_worker: int | None = Field(
+        None,
+        gt=0,
+        description="CPUs Ray reserves for each worker, and torch's threads there. None: "
+        "this machine's cores divided by num_workers (local Ray), 1 on a cluster.",
+    )
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="Base-model weights while training (LoRA weights stay float32). auto: "
+        "bfloat16 on CUDA or a CPU with AMX (what serving uses there), else float32.",
+    )
+    cache_frozen_layers: bool = Field(
+        True,
+        description="With lora.top_layers: run the frozen layers below once per example and "
+        "keep their output in memory, instead of in every step of every epoch.",
+    )
+    group_by_length: bool = Field(
+        True, description="Batch examples of similar length together (less padding)."
+    )
     storage_path: str | None = Field(
         None,
         description="Ray Train storage for checkpoints (shared storage on a cluster); "

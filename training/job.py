@@ -3,7 +3,7 @@
 The driver validates the config and the data before any work, starts or joins Ray, runs
 `phishgate.training.sft.train_worker` on the workers, then logs the run to MLflow: params,
 the data card and split hashes, dev metrics per epoch (epoch 0 is the base model), the
-test-split eval of the best epoch's adapter with its plots, and the adapter itself as
+best epoch's dev scores with the eval harness's plots of them, and the adapter itself as
 plain artifacts with its self-description. The adapter is registered as a new version of
 `phishgate-<task>` with the alias `challenger`.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -35,7 +36,7 @@ from phishgate.core.registry import (
 from phishgate.core.settings import CoreSettings
 from phishgate.core.tasks import PROMPT_VERSION, get_task
 from phishgate.training.config import TrainConfig
-from phishgate.training.sft import HISTORY, train_worker
+from phishgate.training.sft import DEV_SCORES, HISTORY, train_worker
 
 Say = Callable[[str], None]
 
@@ -77,8 +78,25 @@ def check_before_work(config: TrainConfig, settings: CoreSettings) -> Path:
             f"task: the train split has labels {sorted(labels)}; task {task.name!r} needs "
             f"both of {list(task.labels)} and nothing else"
         )
+    card = _card(data_dir)
+    if card.get("prompt_version", PROMPT_VERSION) != PROMPT_VERSION:
+        raise ConfigError(
+            f"data_dir: {data_dir} was rendered with prompt {card['prompt_version']!r}, this "
+            f"version renders {PROMPT_VERSION!r}; run `phishgate data prepare` again"
+        )
     resolve_base_model(settings)  # ModelNotPrepared with the command to run
     return data_dir
+
+
+def _card(data_dir: Path) -> dict[str, Any]:
+    path = data_dir / "card.json"
+    return dict(json.loads(path.read_text())) if path.is_file() else {}
+
+
+def data_budget(data_dir: Path, settings: CoreSettings) -> int:
+    """The token budget the split files were rendered with (their data card's), which the
+    adapter records; the settings' budget for data without a card."""
+    return int(_card(data_dir).get("max_input_tokens", settings.max_input_tokens))
 
 
 def _labels_in(path: Path) -> set[str]:
@@ -122,28 +140,46 @@ def _flat(prefix: str, value: Any) -> dict[str, Any]:
     return {prefix: value}
 
 
-def run_training(
-    config: TrainConfig, settings: CoreSettings, *, say: Say = print
-) -> TrainingOutcome:
-    """Train, track and register one adapter; see the module docstring."""
-    from phishgate.training.ray_cluster import connect, ray_state_dir
+def worker_threads(config: TrainConfig, settings: CoreSettings, *, on_ray: bool) -> int:
+    """CPUs (and torch threads) per worker: the config's, else this machine's cores split
+    between the workers when they run here, else 1 (a Ray cluster's own default)."""
+    if config.cpus_per_worker:
+        return config.cpus_per_worker
+    if on_ray and settings.ray_address:
+        return 1
+    return max(1, (os.cpu_count() or 1) // config.num_workers)
 
+
+def best_epoch_key(metrics: dict[str, Any]) -> tuple[float, int]:
+    """Best dev F1; among ties the earlier epoch (less training, same quality)."""
+    return float(metrics["dev_f1"]), -int(metrics["epoch"])
+
+
+def run_training(
+    config: TrainConfig, settings: CoreSettings, *, say: Say = print, use_ray: bool = True
+) -> TrainingOutcome:
+    """Train, track and register one adapter; see the module docstring. `use_ray=False`
+    runs the same worker loop in this process (one worker), e.g. to measure Ray's cost."""
+    if not use_ray and config.num_workers != 1:
+        raise ConfigError("num_workers: training without Ray runs exactly one worker")
     data_dir = check_before_work(config, settings)
+    budget = data_budget(data_dir, settings)
     base = resolve_base_model(settings)
     started = time.perf_counter()
-    say(connect(settings))
+    if use_ray:
+        from phishgate.training.ray_cluster import connect
+
+        say(connect(settings))
 
     import mlflow
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     client = mlflow_client(settings)
     experiment = experiment_id(client, settings)
-    storage = config.storage_path or str(ray_state_dir(settings) / "results")
     job = {
         "config": config.model_dump(mode="json"),
         "settings": settings.model_dump(mode="json"),
         "data_dir": str(data_dir),
+        "threads": worker_threads(config, settings, on_ray=use_ray),
     }
     commit = git_commit()
     with mlflow.start_run(experiment_id=experiment, run_name=config.name) as run:
@@ -152,46 +188,30 @@ def run_training(
             {
                 "base_model": base.short_id,
                 "prompt_version": PROMPT_VERSION,
-                "max_input_tokens": settings.max_input_tokens,
+                "max_input_tokens": budget,
+                "ray": use_ray,
+                "threads_per_worker": job["threads"],
             }
         )
         mlflow.set_tags({"git_commit": commit, "task": config.task})
         for card in ("card.json", "card.md"):
             if (data_dir / card).is_file():
                 mlflow.log_artifact(str(data_dir / card), artifact_path="data")
-        trainer = TorchTrainer(
-            train_worker,
-            train_loop_config=job,
-            scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu),
-            run_config=RunConfig(
-                name=f"{config.name}-{run.info.run_id[:8]}",
-                storage_path=storage,
-                checkpoint_config=CheckpointConfig(
-                    checkpoint_score_attribute="dev_f1", checkpoint_score_order="max"
-                ),
-            ),
-        )
-        result = trainer.fit()
-        if result.error is not None:
-            raise RuntimeError(f"training failed: {result.error}")
-        checkpoints = result.best_checkpoints or []
-        if not checkpoints:
-            raise RuntimeError("training reported no checkpoint")
-        # Best dev F1; among ties the earlier epoch (less training, same quality).
-        checkpoint, best = max(checkpoints, key=lambda cm: (cm[1]["dev_f1"], -cm[1]["epoch"]))
         staging = Path(tempfile.mkdtemp(prefix="phishgate-adapter-"))
         try:
-            adapter_dir = Path(checkpoint.to_directory(str(staging / "adapter")))
+            fit = _fit_on_ray if use_ray else _fit_in_process
+            adapter_dir, best = fit(job, config, settings, run.info.run_id, staging)
             history = json.loads((adapter_dir / HISTORY).read_text())
             for record in history:
                 mlflow.log_metrics(record["metrics"], step=record["epoch"])
+            _log_dev_plots(adapter_dir, config, best, staging / "eval")
             dev_metrics = {k: float(v) for k, v in best.items() if k.startswith("dev_")}
             manifest = AdapterManifest(
                 task=config.task,
                 labels=get_task(config.task).labels,
                 threshold=float(best["threshold"]),
                 prompt_version=PROMPT_VERSION,
-                max_input_tokens=settings.max_input_tokens,
+                max_input_tokens=budget,
                 base_model_id=base.model_id,
                 base_weights_hash=base.weights_hash,
                 data_hash=data_hash(data_dir),
@@ -228,3 +248,94 @@ def run_training(
         threshold=float(best["threshold"]),
         seconds=seconds,
     )
+
+
+def _log_dev_plots(
+    adapter_dir: Path, config: TrainConfig, best: dict[str, Any], out_dir: Path
+) -> None:
+    """Move the best epoch's dev scores out of the adapter folder into the run's `eval/`
+    artifacts, with the eval harness's plots of them."""
+    import mlflow
+    import numpy as np
+
+    from phishgate.training.plots import write_plots
+
+    scores_file = adapter_dir / DEV_SCORES
+    dev = json.loads(scores_file.read_text())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.move(scores_file, out_dir / DEV_SCORES)
+    labels = get_task(config.task).labels
+    write_plots(
+        np.array(dev["truth"]),
+        np.array(dev["scores"]),
+        float(best["threshold"]),
+        (labels[0], labels[-1]),
+        f"{config.name}, dev, epoch {int(best['epoch'])}",
+        out_dir,
+    )
+    mlflow.log_artifacts(str(out_dir), artifact_path="eval")
+
+
+def _fit_on_ray(
+    job: dict[str, Any], config: TrainConfig, settings: CoreSettings, run_id: str, staging: Path
+) -> tuple[Path, dict[str, Any]]:
+    """Run `train_worker` on Ray Train; the best epoch's adapter folder and its metrics."""
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from phishgate.training.ray_cluster import ray_state_dir
+
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=job,
+        scaling_config=ScalingConfig(
+            num_workers=config.num_workers,
+            use_gpu=config.use_gpu,
+            resources_per_worker={"CPU": job["threads"]},
+        ),
+        run_config=RunConfig(
+            name=f"{config.name}-{run_id[:8]}",
+            storage_path=config.storage_path or str(ray_state_dir(settings) / "results"),
+            checkpoint_config=CheckpointConfig(
+                checkpoint_score_attribute="dev_f1", checkpoint_score_order="max"
+            ),
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise RuntimeError(f"training failed: {result.error}")
+    checkpoints = result.best_checkpoints or []
+    if not checkpoints:
+        raise RuntimeError("training reported no checkpoint")
+    checkpoint, best = max(checkpoints, key=lambda cm: best_epoch_key(cm[1]))
+    return Path(checkpoint.to_directory(str(staging / "adapter"))), dict(best)
+
+
+class _LocalReporter:
+    """Keeps a copy of every checkpoint folder reported, with its metrics."""
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.checkpoints: list[tuple[Path, dict[str, Any]]] = []
+
+    def report(self, metrics: dict[str, float], checkpoint: Path | None) -> None:
+        if checkpoint is not None:
+            copy = self.folder / f"epoch-{int(metrics['epoch'])}"
+            shutil.copytree(checkpoint, copy)
+            self.checkpoints.append((copy, dict(metrics)))
+
+
+def _fit_in_process(
+    job: dict[str, Any], config: TrainConfig, settings: CoreSettings, run_id: str, staging: Path
+) -> tuple[Path, dict[str, Any]]:
+    """`train_loop` in this process, without Ray; same result as `_fit_on_ray`."""
+    from phishgate.training.sft import train_loop
+
+    reporter = _LocalReporter(staging)
+    train_loop(job, reporter)
+    if not reporter.checkpoints:
+        raise RuntimeError("training reported no checkpoint")
+    return max(reporter.checkpoints, key=lambda cm: best_epoch_key(cm[1]))
