@@ -158,9 +158,6 @@ class PromptPrefix:
     ids: tuple[int, ...]
     layers: tuple[tuple[torch.Tensor, torch.Tensor], ...]
 
-    def starts(self, prompt: Sequence[int]) -> bool:
-        return continues(prompt, self.ids)
-
 
 def continues(prompt: Sequence[int], prefix: Sequence[int]) -> bool:
     """Whether `prompt` is `prefix` followed by at least one more token."""
@@ -201,7 +198,10 @@ def last_position_logits(
     rows = list(prefixes) if prefixes is not None else [None] * len(prompts)
     if len(rows) != len(prompts):
         raise ValueError(f"{len(rows)} prefixes for {len(prompts)} prompts")
-    if any(p is not None and not p.starts(prompt) for p, prompt in zip(rows, prompts, strict=True)):
+    if any(
+        p is not None and not continues(prompt, p.ids)
+        for p, prompt in zip(rows, prompts, strict=True)
+    ):
         raise ValueError("a prompt does not continue its prefix")
     lengths = [len(p.ids) if p is not None else 0 for p in rows]
     input_ids, attention_mask, position_ids = left_pad(
@@ -320,7 +320,7 @@ class TransformersScorer:
         """One left-padded forward pass; label probabilities at each prompt's last token."""
         if self._prefix is None:
             self._prefix = encode_prefix(self.model, self.prefix_ids)
-        prefixes = [self._prefix if self._prefix.starts(p) else None for p in prompts]
+        prefixes = [self._prefix if continues(p, self._prefix.ids) else None for p in prompts]
         logits = last_position_logits(self.model, prompts, self.pad_id, prefixes=prefixes)
         return label_probabilities(logits, self.label_ids).cpu()
 

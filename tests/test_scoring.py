@@ -161,11 +161,16 @@ def test_every_rendered_prompt_starts_with_the_tasks_prompt_prefix(
 
 @pytest.mark.slow
 def test_a_reused_prefix_gives_the_whole_prompts_logits(causal_lm: Any, tokenizer: Any) -> None:
-    from phishgate.core.scoring import encode_prefix, last_position_logits, prompt_prefix_ids
+    from phishgate.core.scoring import (
+        continues,
+        encode_prefix,
+        last_position_logits,
+        prompt_prefix_ids,
+    )
 
     prompts = [_prompt(tokenizer, text).prompt_ids for text in EMAILS]
     prefix = encode_prefix(causal_lm, prompt_prefix_ids(tokenizer, PHISHING))
-    assert all(prefix.starts(p) for p in prompts)
+    assert all(continues(p, prefix.ids) for p in prompts)
     whole = last_position_logits(causal_lm, prompts, tokenizer.pad_token_id)
     # Rows with and without the prefix in one batch, of different lengths.
     mixed = [prefix if i % 2 == 0 else None for i in range(len(prompts))]

@@ -17,11 +17,11 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from phishgate.core.adapters import AdapterManifest, write_manifest
 from phishgate.core.errors import ConfigError
@@ -39,6 +39,7 @@ from phishgate.training.config import TrainConfig
 from phishgate.training.sft import DEV_SCORES, HISTORY, train_worker
 
 Say = Callable[[str], None]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -150,9 +151,15 @@ def worker_threads(config: TrainConfig, settings: CoreSettings, *, on_ray: bool)
     return max(1, (os.cpu_count() or 1) // config.num_workers)
 
 
-def best_epoch_key(metrics: dict[str, Any]) -> tuple[float, int]:
-    """Best dev F1; among ties the earlier epoch (less training, same quality)."""
-    return float(metrics["dev_f1"]), -int(metrics["epoch"])
+def _best_checkpoint(checkpoints: Sequence[tuple[T, dict[str, Any]]]) -> tuple[T, dict[str, Any]]:
+    """The (checkpoint, metrics) pair with the best dev F1; among ties the earlier epoch
+    (less training, same quality)."""
+    if not checkpoints:
+        raise RuntimeError("training reported no checkpoint")
+    checkpoint, best = max(
+        checkpoints, key=lambda cm: (float(cm[1]["dev_f1"]), -int(cm[1]["epoch"]))
+    )
+    return checkpoint, dict(best)
 
 
 def run_training(
@@ -304,11 +311,8 @@ def _fit_on_ray(
     result = trainer.fit()
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}")
-    checkpoints = result.best_checkpoints or []
-    if not checkpoints:
-        raise RuntimeError("training reported no checkpoint")
-    checkpoint, best = max(checkpoints, key=lambda cm: best_epoch_key(cm[1]))
-    return Path(checkpoint.to_directory(str(staging / "adapter"))), dict(best)
+    checkpoint, best = _best_checkpoint(result.best_checkpoints or [])
+    return Path(checkpoint.to_directory(str(staging / "adapter"))), best
 
 
 class _LocalReporter:
@@ -336,6 +340,4 @@ def _fit_in_process(
 
     reporter = _LocalReporter(staging)
     train_loop(job, reporter)
-    if not reporter.checkpoints:
-        raise RuntimeError("training reported no checkpoint")
-    return max(reporter.checkpoints, key=lambda cm: best_epoch_key(cm[1]))
+    return _best_checkpoint(reporter.checkpoints)
