@@ -47,8 +47,8 @@ class CoreSettings(BaseSettings):
         "auto",
         description=(
             "Weights and activations when scoring. auto: bfloat16 where the hardware does "
-            "bf16 matmuls natively (CUDA, or a CPU with AMX), else float32. Training is "
-            "unaffected."
+            "bf16 matmuls natively (CUDA, or a CPU with AMX or AVX512-BF16), else float32. "
+            "Training is unaffected."
         ),
     )
 

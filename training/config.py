@@ -78,7 +78,8 @@ class TrainConfig(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto",
         description="Base-model weights while training (LoRA weights stay float32). auto: "
-        "bfloat16 on CUDA or a CPU with AMX (what serving uses there), else float32.",
+        "bfloat16 on CUDA or a CPU with AMX or AVX512-BF16 (what serving uses there), "
+        "else float32.",
     )
     cache_frozen_layers: bool = Field(
         True,
