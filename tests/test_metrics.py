@@ -46,6 +46,11 @@ def test_best_f1_threshold_separates_separable_scores() -> None:
     y = [0, 0, 0, 1, 1]
     s = [0.1, 0.2, 0.35, 0.4, 0.9]
     threshold = best_f1_threshold(y, s)
-    assert 0.35 < threshold <= 0.4
+    assert threshold == pytest.approx(0.375)  # the middle of the gap between the classes
     assert binary_metrics(y, s, threshold).f1 == 1.0
+    # best F1 accepts down to 0.6 (the 0.3 positive is not worth two negatives above it)
+    y, s = [0, 1, 0, 0, 1, 1], [0.1, 0.3, 0.5, 0.55, 0.6, 0.9]
+    assert best_f1_threshold(y, s) == pytest.approx(0.575)
+    # the lowest score accepted: nothing below to take the middle with
+    assert best_f1_threshold([1, 0, 1], [0.2, 0.9, 0.95]) == pytest.approx(0.2)
     assert best_f1_threshold([1, 1], [0.2, 0.3]) == 0.5

@@ -104,7 +104,14 @@ def binary_metrics(
 def best_f1_threshold(
     y_true: Sequence[int] | np.ndarray, y_score: Sequence[float] | np.ndarray
 ) -> float:
-    """The threshold that maximises F1 (ties: the highest one); 0.5 when F1 is undefined."""
+    """A threshold that maximises F1, in the middle of the gap it falls in: halfway between
+    the lowest score it accepts and the highest score below that one (0.5 when F1 is
+    undefined).
+
+    Every threshold in that gap gives the same F1 on these scores; its top edge is the
+    lowest accepted positive itself, where a new positive scored a hair lower is lost
+    (seen: that edge, 0.924 from 400 dev emails, gave test F1 0.968 where 0.5 gave 0.983).
+    """
     yt = np.asarray(y_true, dtype=int)
     ys = np.asarray(y_score, dtype=float)
     if yt.sum() == 0 or yt.sum() == len(yt):
@@ -115,5 +122,6 @@ def best_f1_threshold(
         f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)[
             :-1
         ]
-    best = np.flatnonzero(f1 == f1.max())
-    return float(thresholds[best[-1]])
+    lowest_accepted = float(thresholds[np.flatnonzero(f1 == f1.max())[-1]])
+    below = ys[ys < lowest_accepted]
+    return (lowest_accepted + float(below.max())) / 2 if below.size else lowest_accepted
