@@ -614,6 +614,10 @@ _BenchMessages = Annotated[int, typer.Option(min=1, help="Payload messages to pr
 _BenchMail = Annotated[
     Path | None, typer.Option(help="Payloads from this .eml file or folder, not a data split.")
 ]
+_BenchDataDir = Annotated[
+    Path | None,
+    typer.Option(help="Prepared dataset of the payloads (default: <home>/data/<task>)."),
+]
 
 
 def _bench_out(out: Path | None, settings: CoreSettings) -> Path:
@@ -635,6 +639,7 @@ def bench_load(
     seconds: Annotated[int, typer.Option(min=1, help="Duration of each step.")] = 30,
     task: Annotated[str, typer.Option(help="Task of the payload split.")] = "phishing",
     split: Annotated[str, typer.Option(help="Prepared split the payloads come from.")] = "test",
+    data_dir: _BenchDataDir = None,
     mail: _BenchMail = None,
     messages: _BenchMessages = 64,
     adapter: Annotated[
@@ -665,7 +670,7 @@ def bench_load(
     result = run_load(
         settings,
         folder,
-        PayloadSource(task=task, split=split, mail=mail, count=messages),
+        PayloadSource(task=task, split=split, data_dir=data_dir, mail=mail, count=messages),
         address=address,
         users=counts,
         seconds=seconds,
@@ -697,6 +702,7 @@ def bench_limit(
     repeats: Annotated[int, typer.Option(min=1, help="Timed matmuls; the best counts.")] = 10,
     dtype: Annotated[str, typer.Option(help="torch dtype the service scores in.")] = "float32",
     task: Annotated[str, typer.Option(help="Task of the payload split.")] = "phishing",
+    data_dir: _BenchDataDir = None,
     mail: _BenchMail = None,
     messages: _BenchMessages = 64,
 ) -> None:
@@ -710,7 +716,7 @@ def bench_limit(
         limit = run_limit(
             settings,
             folder,
-            PayloadSource(task=task, mail=mail, count=messages),
+            PayloadSource(task=task, data_dir=data_dir, mail=mail, count=messages),
             size=size,
             repeats=repeats,
             dtype=dtype,
@@ -738,6 +744,7 @@ def bench_baseline(
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Generation budget.")] = 24,
     batch_size: Annotated[int, typer.Option(min=1, help="Scorer micro-batch size.")] = 8,
     task: Annotated[str, typer.Option(help="Task of the payload split.")] = "phishing",
+    data_dir: _BenchDataDir = None,
     mail: _BenchMail = None,
 ) -> None:
     """Naive generate()-and-parse-JSON vs one-pass scoring, on the same messages."""
@@ -750,7 +757,7 @@ def bench_baseline(
         result = run_naive_baseline(
             settings,
             folder,
-            PayloadSource(task=task, mail=mail, count=max(emails, 8)),
+            PayloadSource(task=task, data_dir=data_dir, mail=mail, count=max(emails, 8)),
             emails=emails,
             adapter=adapter,
             max_new_tokens=max_new_tokens,

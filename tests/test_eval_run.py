@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
 from email.message import EmailMessage
 from pathlib import Path
@@ -379,3 +381,21 @@ def test_zero_shot_scores_a_small_sample_with_the_real_model(
     assert summary.predictors["zero-shot"]["threshold_source"] == "best F1 on dev"
     assert summary.robustness is not None and summary.robustness.found == 2
     assert len(summary.robustness.outcomes) == len(EDITS)
+
+
+def test_bench_payloads_come_from_the_named_data_dir(prepared: Path, tmp_path: Path) -> None:
+    command = [str(Path(sys.executable).with_name("phishgate")), "bench", "limit"]
+    options = ["--data-dir", prepared, "--messages", "4", "--size", "64", "--repeats", "1"]
+    result = subprocess.run(
+        [*command, *map(str, options), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "payloads" / "manifest.json").read_text())
+    test_ids = set(_ids(prepared / "test.jsonl"))
+    assert manifest["source"] == f"{prepared.name}/test (seed 0)"
+    assert len(manifest["payloads"]) == 4
+    assert {p["id"] for p in manifest["payloads"]} <= test_ids
+    assert json.loads((tmp_path / "limit.json").read_text())["emails"] == 4
