@@ -250,6 +250,11 @@ def train(
     )
 
 
+_DataDir = Annotated[
+    Path | None,
+    typer.Option(help="Prepared dataset folder (default: <home>/data/<task>)."),
+]
+
 data_app = typer.Typer(
     help="Labelled mail: prepare leak-free train/dev/test splits, audit source shortcuts.",
     no_args_is_help=True,
@@ -341,9 +346,7 @@ def data_prepare(
 @data_app.command("audit")
 def data_audit(
     task: Annotated[str, typer.Option(help="Task whose prepared dataset to audit.")] = "phishing",
-    data_dir: Annotated[
-        Path | None, typer.Option(help="Prepared dataset folder (default: <home>/data/<task>).")
-    ] = None,
+    data_dir: _DataDir = None,
 ) -> None:
     """Can a TF-IDF classifier tell the sources apart? Writes audit.json and audit.md."""
     from phishgate.training.audit import audit_sources, load_audit_records, write_audit
@@ -390,9 +393,7 @@ def eval_command(
             "--split", help="Split to grade; repeat (default: test and holdout; none with --mail)."
         ),
     ] = None,
-    data_dir: Annotated[
-        Path | None, typer.Option(help="Prepared dataset (default: <home>/data/<task>).")
-    ] = None,
+    data_dir: _DataDir = None,
     mail: Annotated[
         str | None,
         typer.Option(help="Also grade this mail: .eml file or folder, maildir, mbox, CSV, glob."),
@@ -614,10 +615,6 @@ _BenchMessages = Annotated[int, typer.Option(min=1, help="Payload messages to pr
 _BenchMail = Annotated[
     Path | None, typer.Option(help="Payloads from this .eml file or folder, not a data split.")
 ]
-_BenchDataDir = Annotated[
-    Path | None,
-    typer.Option(help="Prepared dataset of the payloads (default: <home>/data/<task>)."),
-]
 
 
 def _bench_out(out: Path | None, settings: CoreSettings) -> Path:
@@ -639,7 +636,7 @@ def bench_load(
     seconds: Annotated[int, typer.Option(min=1, help="Duration of each step.")] = 30,
     task: Annotated[str, typer.Option(help="Task of the payload split.")] = "phishing",
     split: Annotated[str, typer.Option(help="Prepared split the payloads come from.")] = "test",
-    data_dir: _BenchDataDir = None,
+    data_dir: _DataDir = None,
     mail: _BenchMail = None,
     messages: _BenchMessages = 64,
     adapter: Annotated[
@@ -702,7 +699,7 @@ def bench_limit(
     repeats: Annotated[int, typer.Option(min=1, help="Timed matmuls; the best counts.")] = 10,
     dtype: Annotated[str, typer.Option(help="torch dtype the service scores in.")] = "float32",
     task: Annotated[str, typer.Option(help="Task of the payload split.")] = "phishing",
-    data_dir: _BenchDataDir = None,
+    data_dir: _DataDir = None,
     mail: _BenchMail = None,
     messages: _BenchMessages = 64,
 ) -> None:
@@ -744,7 +741,7 @@ def bench_baseline(
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Generation budget.")] = 24,
     batch_size: Annotated[int, typer.Option(min=1, help="Scorer micro-batch size.")] = 8,
     task: Annotated[str, typer.Option(help="Task of the payload split.")] = "phishing",
-    data_dir: _BenchDataDir = None,
+    data_dir: _DataDir = None,
     mail: _BenchMail = None,
 ) -> None:
     """Naive generate()-and-parse-JSON vs one-pass scoring, on the same messages."""
@@ -860,12 +857,19 @@ def registry_promote(
         int | None, typer.Option(help="Score a seeded sample of each set (faster).")
     ] = None,
     force: Annotated[bool, typer.Option(help="Promote even if the gate fails (recorded).")] = False,
+    data_dir: _DataDir = None,
 ) -> None:
     """Compare @challenger with @champion on test and holdout; move @champion if it passes."""
     from phishgate.training.promotion import promote
 
     report = promote(
-        _settings(), task, limit=limit, f1_margin=f1_margin, ece_margin=ece_margin, force=force
+        _settings(),
+        task,
+        data_dir=data_dir,
+        limit=limit,
+        f1_margin=f1_margin,
+        ece_margin=ece_margin,
+        force=force,
     )
     table = Table(
         title=f"challenger v{report.challenger_version} vs champion "
