@@ -67,7 +67,7 @@ def ensure_payloads(
         messages = mail_messages(source.mail, source.count)
         origin = str(source.mail)
     else:
-        data_dir = source.data_dir or settings.home / "data" / task.name
+        data_dir = source.data_dir or settings.dataset_dir(task.name)
         say(f"payloads: reading {source.count} messages of {data_dir}/{source.split}")
         messages = split_messages(data_dir, source.split, source.count, source.seed)
         origin = f"{data_dir.name}/{source.split} (seed {source.seed})"

@@ -351,7 +351,7 @@ def data_audit(
     """Can a TF-IDF classifier tell the sources apart? Writes audit.json and audit.md."""
     from phishgate.training.audit import audit_sources, load_audit_records, write_audit
 
-    folder = data_dir or _settings().home / "data" / task
+    folder = data_dir or _settings().dataset_dir(task)
     records = load_audit_records(folder)
     with Console(file=sys.stderr).status("fitting TF-IDF + logistic regression probes"):
         report = audit_sources(records)
@@ -456,7 +456,7 @@ def eval_command(
         summary = run_eval(
             settings,
             chosen_task.name,
-            data_dir=data_dir or settings.home / "data" / chosen_task.name,
+            data_dir=data_dir or settings.dataset_dir(chosen_task.name),
             out_dir=out or settings.home / "reports" / f"eval-{chosen_task.name}-{stamp}",
             splits=tuple(split) if split is not None else (() if mail else ("test", "holdout")),
             predictors=chosen,

@@ -119,7 +119,7 @@ def prepare_data(settings: CoreSettings, data_config: Path | None, note: list[st
     from phishgate.training.data import prepare_dataset
     from phishgate.training.sources import DEFAULT_CONFIG, load_data_config
 
-    out_dir = settings.home / "data" / f"demo-{TASK}-{settings.max_input_tokens}"
+    out_dir = settings.dataset_dir(f"demo-{TASK}-{settings.max_input_tokens}")
     card = out_dir / "card.json"
     reusable = data_config is None and card.is_file()
     if reusable and json.loads(card.read_text()).get("prompt_version") == PROMPT_VERSION:

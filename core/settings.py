@@ -93,6 +93,10 @@ class CoreSettings(BaseSettings):
         """Folder holding prepared base models, one subfolder each."""
         return self.home / "models"
 
+    def dataset_dir(self, name: str) -> Path:
+        """Folder of the prepared dataset `name`; a task's default dataset is named after it."""
+        return self.home / "data" / name
+
 
 SettingsT = TypeVar("SettingsT", bound=BaseSettings)
 

@@ -185,6 +185,25 @@ def test_first_promotion_makes_the_challenger_champion_and_records_it(
     assert "challenger, champion" in listed.output
 
 
+def test_promote_reads_the_sets_from_data_dir(trained: Any, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from phishgate.core.cli import app
+    from phishgate.core.errors import ConfigError
+
+    settings, _ = trained
+    empty = tmp_path / "no-splits"
+    empty.mkdir()
+    result = CliRunner().invoke(
+        app,
+        ["registry", "promote", "phishing", "--data-dir", str(empty)],
+        env={"PHISHGATE_HOME": str(settings.home), "COLUMNS": "400"},
+    )
+    # Raised before anything is scored; `phishgate` maps it to EX_CONFIG at the edge.
+    assert isinstance(result.exception, ConfigError), result.output
+    assert f"no test split in {empty}" in str(result.exception)
+
+
 def test_classify_uses_the_adapter_and_refuses_the_wrong_task(trained: Any) -> None:
     import os
     import subprocess

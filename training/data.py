@@ -217,7 +217,7 @@ def prepare_dataset(
     """
     started = time.perf_counter()
     task = get_task(config.task)
-    out = out_dir or settings.home / "data" / task.name
+    out = out_dir or settings.dataset_dir(task.name)
     reports = read_sources(config)
     messages = [m for r in reports for m in r.messages]
     read_s = time.perf_counter() - started

@@ -54,7 +54,7 @@ class TrainingOutcome:
 
 
 def data_dir_for(config: TrainConfig, settings: CoreSettings) -> Path:
-    return (config.data_dir or settings.home / "data" / config.task).resolve()
+    return (config.data_dir or settings.dataset_dir(config.task)).resolve()
 
 
 def check_before_work(config: TrainConfig, settings: CoreSettings) -> Path:

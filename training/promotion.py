@@ -124,7 +124,7 @@ def promote(
     versions = {alias: v.version for v in list_versions(client, task.name) for alias in v.aliases}
     if CHALLENGER not in versions:
         raise ConfigError(f"{model_name(task.name)} has no @{CHALLENGER}; train one first")
-    folder = data_dir or settings.home / "data" / task.name
+    folder = data_dir or settings.dataset_dir(task.name)
     sets = {
         name: sample(load_examples(folder / f"{name}.jsonl"), limit, seed=0)
         for name in ("test", "holdout")
