@@ -65,6 +65,13 @@ def test_a_mixed_batch_scores_each_row_as_its_adapter_alone(
     for row, probabilities in zip(rows, mixed, strict=True):
         assert len(probabilities) == 2 and sum(probabilities) == pytest.approx(1.0, abs=1e-5)
         assert probabilities[1] == pytest.approx(next(alone[row.adapter_key]), abs=1e-4)
+    # A batch of one adapter, or of base-model rows only, runs without per-row routing
+    # and must score the same; a mixed batch afterwards still routes every row.
+    for key in ("phishing@1", "phishing@2", None):
+        same = [row for row in rows if row.adapter_key == key]
+        assert [p[1] for p in engine.score(same)] == pytest.approx(expected[key], abs=1e-4)
+    again = [p[1] for p in engine.score(rows)]
+    assert again == pytest.approx([p[1] for p in mixed], abs=1e-5)
     # The adapters really differ from each other and from the base model.
     assert abs(expected["phishing@1"][0] - expected[None][0]) > 1e-3
     assert mixed[0] != pytest.approx(

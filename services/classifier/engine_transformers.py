@@ -2,7 +2,8 @@
 
 Adapters are loaded into one PeftModel under their versioned keys; a batch whose rows use
 different adapters (or none) is one forward pass with PEFT's `adapter_names` argument
-("__base__" for base-model rows). Rows are left padded with real-token positions and only
+("__base__" for base-model rows); a batch of one adapter runs it as PEFT's active adapter,
+without per-row routing. Rows are left padded with real-token positions and only
 the last position's logits are computed (`phishgate.core.scoring.last_position_logits`),
 so every row scores exactly as it would alone. The prompt prefixes given at construction
 (each task's chat template and system prompt) are encoded once per adapter, and a row
@@ -97,12 +98,7 @@ class TransformersEngine:
             raise KeyError(f"adapters not loaded: {sorted(unknown)}")
         prompts = [row.prompt_ids for row in rows]
         prefixes = [self._row_prefix(row) for row in rows]
-        model, names = self._base, None
-        if self._peft is not None:
-            model, names = self._peft, [row.adapter_key or BASE for row in rows]
-        logits = last_position_logits(
-            model, prompts, self._pad_id, prefixes=prefixes, adapter_names=names
-        )
+        logits = self._logits(rows, prompts, prefixes)
         # Rows may belong to tasks with different label words: one softmax per label set.
         out: list[tuple[float, ...]] = [()] * len(rows)
         by_labels: dict[tuple[int, ...], list[int]] = {}
@@ -113,6 +109,30 @@ class TransformersEngine:
             for i, values in zip(indices, probabilities, strict=True):
                 out[i] = tuple(values)
         return out
+
+    def _logits(
+        self,
+        rows: Sequence[EngineRow],
+        prompts: Sequence[Sequence[int]],
+        prefixes: Sequence[PromptPrefix | None],
+    ) -> torch.Tensor:
+        """Last-position logits of `rows`; PEFT's per-row routing only for mixed batches.
+
+        Routing by `adapter_names` gathers and scatters the rows in every LoRA layer; a batch
+        of one adapter runs it as the active one instead (+21-28% req/s at 1-8 callers here).
+        """
+        if self._peft is None:
+            return last_position_logits(self._base, prompts, self._pad_id, prefixes=prefixes)
+        names = [row.adapter_key or BASE for row in rows]
+        if len(set(names)) > 1:
+            return last_position_logits(
+                self._peft, prompts, self._pad_id, prefixes=prefixes, adapter_names=names
+            )
+        if names[0] == BASE:
+            with self._peft.disable_adapter():
+                return last_position_logits(self._peft, prompts, self._pad_id, prefixes=prefixes)
+        self._peft.set_adapter(names[0])
+        return last_position_logits(self._peft, prompts, self._pad_id, prefixes=prefixes)
 
     def _row_prefix(self, row: EngineRow) -> PromptPrefix | None:
         for ids in self._prefix_ids:
