@@ -90,3 +90,36 @@ def test_a_mixed_batch_scores_each_row_as_its_adapter_alone(
     engine.load_adapter("phishing@2", second)  # and adapters load again afterwards
     assert engine.score([rows[1]])[0][1] == pytest.approx(expected["phishing@2"][0], abs=1e-4)
     engine.close()
+
+
+def test_a_compiled_engine_scores_like_eager_and_compiles_only_when_an_adapter_loads(
+    prepared_model: Any, tokenizer: Any, trained_adapters: tuple[Path, Path]
+) -> None:
+    from torch._dynamo.utils import counters
+
+    from phishgate.classifier.engine import EngineRow
+    from phishgate.classifier.engine_transformers import TransformersEngine
+    from phishgate.core.scoring import label_token_ids, prompt_prefix_ids
+
+    task = get_task("phishing")
+    prefixes = [prompt_prefix_ids(tokenizer, task)]
+    label_ids = label_token_ids(tokenizer, task)
+    rows = [EngineRow(e.prompt_ids, label_ids, "phishing@1") for e in _emails(tokenizer, 3)]
+    eager = TransformersEngine(
+        prepared_model.path, pad_id=tokenizer.pad_token_id, prefixes=prefixes
+    )
+    eager.load_adapter("phishing@1", trained_adapters[0])
+    expected = [p[1] for p in eager.score(rows)]
+    eager.close()
+
+    compiled = TransformersEngine(
+        prepared_model.path, pad_id=tokenizer.pad_token_id, prefixes=prefixes, compile=True
+    )
+    graphs = counters["stats"]["unique_graphs"]
+    compiled.load_adapter("phishing@1", trained_adapters[0])
+    warmed = counters["stats"]["unique_graphs"]
+    assert warmed > graphs  # loading compiled the adapter's graphs
+    assert [p[1] for p in compiled.score(rows)] == pytest.approx(expected, abs=1e-4)
+    assert compiled.score(rows[:1])[0][1] == pytest.approx(expected[0], abs=1e-4)
+    assert counters["stats"]["unique_graphs"] == warmed  # requests ran the warmed graphs
+    compiled.close()

@@ -276,6 +276,7 @@ def _make_engine(
         dtype=compute_dtype(core.inference_dtype),
         threads=core.torch_threads,
         prefixes=[prompt_prefix_ids(tokenizer, task) for task in TASKS.values()],
+        compile=settings.compile,
     )
 
 

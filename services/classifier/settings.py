@@ -34,6 +34,15 @@ class ClassifierSettings(BaseSettings):
     device: str = Field(
         "auto", description="transformers engine device: auto (CUDA if present), cpu, cuda:0."
     )
+    compile: bool = Field(
+        False,
+        description=(
+            "transformers engine: torch.compile the model for batches of one adapter "
+            "(+30-70% emails/s on a 2-core CPU in bf16). Loading an adapter compiles it and "
+            "every adapter loaded before it (~3 minutes each on 2 cores), scoring nothing "
+            "meanwhile."
+        ),
+    )
     adapters: dict[str, str] = Field(
         default_factory=dict,
         description=(
