@@ -11,8 +11,8 @@ that starts with one runs only the rest of its prompt.
 
 With `compile=True`, batches of one adapter run through `torch.compile` (dynamic shapes),
 which fuses the elementwise ops (RMSNorm, rotary, SiLU) eager mode runs one by one. Graphs
-are compiled when an adapter loads, for one row and for several, and for every adapter
-loaded before it too (its layers change what the older graphs were guarded on). Mixed and
+are compiled for every loaded adapter, for one row and for several, whenever an adapter
+loads or unloads (PEFT's layers change, and every graph is guarded on them). Mixed and
 base-only batches stay eager.
 """
 
@@ -87,10 +87,14 @@ class TransformersEngine:
         self._keys.add(key)
         for ids in self._prefix_ids:
             self._prefix(key, ids)
-        if self._compile:
-            # PEFT's new layers fail the guards of every graph compiled so far: recompile all.
-            for loaded in sorted(self._keys):
-                self._warm_up(loaded)
+        self._warm_up_all()
+
+    def _warm_up_all(self) -> None:
+        """With compile: compile every loaded adapter's graphs again, as a load or unload
+        changes PEFT's layers, which every graph compiled so far is guarded on."""
+        if self._compile and self._peft is not None:
+            for key in sorted(self._keys):
+                self._warm_up(key)
 
     def _warm_up(self, key: str) -> None:
         """Compile `key`'s graphs now, so no request waits for them."""
@@ -105,7 +109,7 @@ class TransformersEngine:
         # after it (dynamo specialises sizes 0 and 1).
         prompt = (*(self._prefix_ids[0] if self._prefix_ids else ()), *[self._pad_id] * 2)
         row = EngineRow(prompt, (0, 1), key)
-        for n in range(1, _GRAPHS_PER_ADAPTER + 1):  # one row, then a batch (0/1 specialisation)
+        for n in range(1, _GRAPHS_PER_ADAPTER + 1):  # one row, then a batch
             self.score([row] * n)
 
     def unload_adapter(self, key: str) -> None:
@@ -117,6 +121,7 @@ class TransformersEngine:
             with warnings.catch_warnings():  # "was active, now deleted": no adapter is active
                 warnings.simplefilter("ignore", UserWarning)
                 self._peft.delete_adapter(key)
+            self._warm_up_all()
         else:
             # PEFT cannot delete its last adapter; take the LoRA layers out of the base instead.
             self._base = self._peft.unload()

@@ -38,9 +38,9 @@ class ClassifierSettings(BaseSettings):
         False,
         description=(
             "transformers engine: torch.compile the model for batches of one adapter "
-            "(+30-70% emails/s on a 2-core CPU in bf16). Loading an adapter compiles it and "
-            "every adapter loaded before it (~3 minutes each on 2 cores), scoring nothing "
-            "meanwhile."
+            "(+30-70% emails/s on a 2-core CPU in bf16). Loading or unloading an adapter "
+            "compiles every loaded adapter again (~2-4 minutes each on 2 cores), scoring "
+            "nothing meanwhile."
         ),
     )
     adapters: dict[str, str] = Field(
