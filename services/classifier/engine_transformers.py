@@ -63,7 +63,12 @@ class TransformersEngine:
         self._base: Any = load_causal_lm(base_path, dtype, threads=threads).to(device)
         self._peft: Any = None  # the PeftModel wrapping _base, once an adapter is loaded
         self._compile = compile
-        self._compiled: Any = None  # torch.compile of _peft, for batches of one adapter
+        self._compiled: Any = None  # with compile: torch.compile of _peft, once it exists
+        if compile:
+            import torch._dynamo as dynamo  # a plain `import torch.x` would shadow `torch` here
+
+            limit = dynamo.config.cache_size_limit
+            dynamo.config.cache_size_limit = max(limit, _COMPILED_GRAPHS_LIMIT)
         self._keys: set[str] = set()
         self._pad_id = pad_id
         self._device = torch.device(device)
@@ -80,6 +85,8 @@ class TransformersEngine:
             from peft import PeftModel
 
             self._peft = PeftModel.from_pretrained(self._base, str(path), adapter_name=key)
+            if self._compile:
+                self._compiled = torch.compile(self._peft, dynamic=True)
         else:
             self._peft.load_adapter(str(path), adapter_name=key, is_trainable=False)
         self._peft.to(self._device)
@@ -87,30 +94,23 @@ class TransformersEngine:
         self._keys.add(key)
         for ids in self._prefix_ids:
             self._prefix(key, ids)
-        self._warm_up_all()
+        self._compile_graphs()
 
-    def _warm_up_all(self) -> None:
-        """With compile: compile every loaded adapter's graphs again, as a load or unload
-        changes PEFT's layers, which every graph compiled so far is guarded on."""
-        if self._compile and self._peft is not None:
-            for key in sorted(self._keys):
-                self._warm_up(key)
+    def _compile_graphs(self) -> None:
+        """With compile: compile every loaded adapter's graphs now, so no request waits.
 
-    def _warm_up(self, key: str) -> None:
-        """Compile `key`'s graphs now, so no request waits for them."""
+        Needed after every load and unload: PEFT's layers change, and every graph compiled
+        so far is guarded on them.
+        """
         if self._compiled is None:
-            import torch._dynamo
-
-            torch._dynamo.config.cache_size_limit = max(
-                torch._dynamo.config.cache_size_limit, _COMPILED_GRAPHS_LIMIT
-            )
-            self._compiled = torch.compile(self._peft, dynamic=True)
+            return
         # The shape requests take: a task prefix (reused states) and more than one token
-        # after it (dynamo specialises sizes 0 and 1).
+        # after it (dynamo specialises sizes 0 and 1). Label ids: any, the scores are dropped.
         prompt = (*(self._prefix_ids[0] if self._prefix_ids else ()), *[self._pad_id] * 2)
-        row = EngineRow(prompt, (0, 1), key)
-        for n in range(1, _GRAPHS_PER_ADAPTER + 1):  # one row, then a batch
-            self.score([row] * n)
+        for key in sorted(self._keys):
+            row = EngineRow(prompt, (0, 1), key)
+            for n in range(1, _GRAPHS_PER_ADAPTER + 1):  # one row, then a batch
+                self.score([row] * n)
 
     def unload_adapter(self, key: str) -> None:
         if key not in self._keys:
@@ -121,7 +121,7 @@ class TransformersEngine:
             with warnings.catch_warnings():  # "was active, now deleted": no adapter is active
                 warnings.simplefilter("ignore", UserWarning)
                 self._peft.delete_adapter(key)
-            self._warm_up_all()
+            self._compile_graphs()
         else:
             # PEFT cannot delete its last adapter; take the LoRA layers out of the base instead.
             self._base = self._peft.unload()
