@@ -55,6 +55,9 @@ def main(spec_path: str, out_path: str) -> None:
     started = time.perf_counter()
     engine = VllmEngine(Path(spec["model"]), **spec["engine"])
     result = {"start_s": time.perf_counter() - started, "scores": {}}
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    result["cpu_lora_ops"] = punica_cpu.bgmv_shrink.__module__
     try:
         for key, path in spec["adapters"].items():
             engine.load_adapter(key, Path(path))
@@ -237,6 +240,8 @@ def test_vllm_engine_matches_transformers_on_cpu(
     assert max(moved) > 0.5, f"the random adapter barely changes scores: {moved}"
     largest = assert_same_verdicts(rows, result["scores"]["mixed"], reference)
     print(f"vLLM start {result['start_s']:.1f} s, largest |score difference| {largest:.2e}")
+    # Scored by phishgate's grouped CPU LoRA ops (a vLLM plugin), not vLLM's per-token ones.
+    assert result["cpu_lora_ops"] == "phishgate.classifier.vllm_cpu_lora"
     assert result["bad_errors"] == {"missing@1": "ValueError", "base@1": "ValueError"}
     assert result["keys"] == sorted(adapters)
     assert result["keys_after_unload"] == ["phishing@2", "random@1"]
