@@ -13,7 +13,13 @@ import pytest
 import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from phishgate.classifier.app import REGISTRY_HEALTH, SERVICE_NAME, RunningClassifier, start
+from phishgate.classifier.app import (
+    REGISTRY_HEALTH,
+    SERVICE_NAME,
+    RunningClassifier,
+    resolve_engine,
+    start,
+)
 from phishgate.classifier.settings import ClassifierSettings
 from phishgate.core.tasks import PROMPT_VERSION, get_task
 from phishgate.v1 import classifier_pb2 as pb
@@ -257,3 +263,19 @@ async def test_health_auth_and_zero_shot(
     finally:
         await running.stop(1)
         await channel.close(None)
+
+
+@pytest.mark.parametrize(
+    ("setting", "vllm_installed", "engine"),
+    [
+        ("auto", True, "vllm"),
+        ("auto", False, "transformers"),
+        ("transformers", True, "transformers"),
+        ("vllm", False, "vllm"),  # asked for: the engine's own clear error says what is missing
+    ],
+)
+def test_engine_setting_auto_picks_vllm_where_installed(
+    setting: str, vllm_installed: bool, engine: str
+) -> None:
+    assert resolve_engine(setting, vllm_installed) == engine
+    assert ClassifierSettings().engine == "auto"

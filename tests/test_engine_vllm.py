@@ -214,6 +214,7 @@ def test_vllm_engine_matches_transformers_on_cpu(
         "model": str(prepared_model.path),
         # Three adapters, two LoRA slots: vLLM must schedule the batch in turns.
         "engine": {
+            "dtype": "float32",  # as the reference; bf16 is the default on AMX CPUs
             "max_loras": 2,
             "max_cpu_loras": 3,
             "max_lora_rank": 8,

@@ -9,6 +9,7 @@ is what `phishgate serve classifier` runs: it logs "classifier listening on HOST
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
@@ -247,10 +248,19 @@ def _prepare(core: CoreSettings) -> tuple[PreparedModel, Any, dict[str, TaskToke
     return base, tokenizer, tokens
 
 
+def resolve_engine(setting: str, vllm_installed: bool) -> str:
+    """The engine to run for the `engine` setting: "auto" is vLLM when it is installed."""
+    if setting == "auto":
+        return "vllm" if vllm_installed else "transformers"
+    return setting
+
+
 def _make_engine(
     settings: ClassifierSettings, core: CoreSettings, base: PreparedModel, tokenizer: Any
 ) -> Engine:
-    if settings.engine == "vllm":
+    engine = resolve_engine(settings.engine, importlib.util.find_spec("vllm") is not None)
+    log.info("engine: %s (setting %s)", engine, settings.engine)
+    if engine == "vllm":
         from phishgate.classifier.engine_vllm import VllmEngine
 
         # Room for the longest prompt (the largest budget) plus the one answer token.

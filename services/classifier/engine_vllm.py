@@ -24,6 +24,7 @@ import torch
 
 from phishgate.classifier.engine import EngineRow
 from phishgate.core.errors import EngineUnavailable
+from phishgate.core.model import compute_dtype
 from phishgate.core.scoring import label_probabilities
 
 
@@ -34,7 +35,8 @@ class VllmEngine:
     `max_loras`) stay loaded; `max_lora_rank` must be at least every adapter's rank. On
     CPU, `gpu_memory_utilization` is the share of system memory vLLM reserves, and
     `kv_cache_memory_bytes` (when set) sizes the KV cache instead. `dtype` defaults to
-    float32 on CPU and bfloat16 elsewhere (vLLM's GPU LoRA kernels take 16-bit weights
+    bfloat16, except on a CPU without native bf16 matmuls, where it is float32 (the rule
+    of `phishgate.core.model.compute_dtype`; vLLM's GPU LoRA kernels take 16-bit weights
     only). `tensor_parallel_size` and `enforce_eager=False` (CUDA graphs) are for GPUs.
     `engine_options` are passed to `vllm.LLM` as they are.
     """
@@ -66,7 +68,8 @@ class VllmEngine:
                 "vllm is not installed (GPU: pip install vllm; CPU: make vllm-env)"
             ) from error
         if dtype is None:
-            dtype = "float32" if current_platform.is_cpu() else "bfloat16"
+            cpu_float32 = current_platform.is_cpu() and compute_dtype("auto") == torch.float32
+            dtype = "float32" if cpu_float32 else "bfloat16"
         self._llm = LLM(
             model=str(model_path),
             skip_tokenizer_init=True,  # prompts arrive as token ids, answers stay ids
