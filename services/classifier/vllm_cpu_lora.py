@@ -53,13 +53,13 @@ def grouped_lora_matmul(
 
 def bgmv_shrink(
     inputs: torch.Tensor,
-    lora_b_weights: torch.Tensor,
+    lora_a_weights: torch.Tensor,
     output_tensor: torch.Tensor,
     lora_indices_tensor: torch.Tensor,
     scaling: float = 1.0,
 ) -> None:
     """Drop-in for vLLM's torch `bgmv_shrink`: output[:, :rank] = scaling * x @ A.T."""
-    outputs = grouped_lora_matmul(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    outputs = grouped_lora_matmul(inputs, lora_a_weights, lora_indices_tensor, output_tensor.dtype)
     output_tensor[:, : outputs.shape[1]] = scaling * outputs
 
 
