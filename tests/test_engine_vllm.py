@@ -241,7 +241,8 @@ def test_vllm_engine_matches_transformers_on_cpu(
     assert max(moved) > 0.5, f"the random adapter barely changes scores: {moved}"
     largest = assert_same_verdicts(rows, result["scores"]["mixed"], reference)
     print(f"vLLM start {result['start_s']:.1f} s, largest |score difference| {largest:.2e}")
-    # Scored by phishgate's grouped CPU LoRA ops (a vLLM plugin), not vLLM's per-token ones.
+    # vLLM loaded phishgate's grouped CPU LoRA ops (a plugin), not its per-token ones. Seen
+    # in the front-end process; the workers that score load the same plugins.
     assert result["cpu_lora_ops"] == "phishgate.classifier.vllm_cpu_lora"
     assert result["bad_errors"] == {"missing@1": "ValueError", "base@1": "ValueError"}
     assert result["keys"] == sorted(adapters)

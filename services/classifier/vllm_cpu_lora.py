@@ -60,6 +60,17 @@ def grouped_lora_matmul(
     return out
 
 
+def _write(target: torch.Tensor, outputs: torch.Tensor | None, add: bool) -> None:
+    """`target` (a view of vLLM's output buffer) += or = `outputs`; None adds nothing."""
+    if outputs is None:
+        if not add:
+            target.zero_()
+    elif add:
+        target += outputs
+    else:
+        target.copy_(outputs)
+
+
 def bgmv_shrink(
     inputs: torch.Tensor,
     lora_a_weights: torch.Tensor,
@@ -70,10 +81,7 @@ def bgmv_shrink(
     """Drop-in for vLLM's torch `bgmv_shrink`: output[:, :rank] = scaling * x @ A.T."""
     outputs = grouped_lora_matmul(inputs, lora_a_weights, lora_indices_tensor, output_tensor.dtype)
     rank = lora_a_weights.shape[-2]
-    if outputs is None:
-        output_tensor[:, :rank] = 0
-    else:
-        output_tensor[:, :rank] = scaling * outputs
+    _write(output_tensor[:, :rank], None if outputs is None else scaling * outputs, add=False)
 
 
 def bgmv_expand(
@@ -85,16 +93,13 @@ def bgmv_expand(
 ) -> None:
     """Drop-in for vLLM's torch `bgmv_expand`: output (+)= x @ B.T, on the columns both have."""
     outputs = grouped_lora_matmul(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
-    common = min(lora_b_weights.shape[-2], output_tensor.shape[1])
-    if outputs is None:
-        if not add_inputs:
-            output_tensor[:, :common] = 0
-        return
     rows = output_tensor.shape[0]  # vLLM may hand in padded inputs: as the stock op, cut
-    if add_inputs:
-        output_tensor[:, :common] += outputs[:rows, :common]
-    else:
-        output_tensor[:, :common] = outputs[:rows, :common]
+    common = min(lora_b_weights.shape[-2], output_tensor.shape[1])
+    _write(
+        output_tensor[:, :common],
+        None if outputs is None else outputs[:rows, :common],
+        add_inputs,
+    )
 
 
 def bgmv_expand_slice(
@@ -108,15 +113,7 @@ def bgmv_expand_slice(
 ) -> None:
     """Drop-in for vLLM's torch `bgmv_expand_slice`: the same, into one column slice."""
     outputs = grouped_lora_matmul(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
-    columns = slice(slice_offset, slice_offset + slice_size)
-    if outputs is None:
-        if not add_inputs:
-            output_tensor[:, columns] = 0
-        return
-    if add_inputs:
-        output_tensor[:, columns] += outputs
-    else:
-        output_tensor[:, columns] = outputs
+    _write(output_tensor[:, slice_offset : slice_offset + slice_size], outputs, add_inputs)
 
 
 def install() -> None:
