@@ -292,6 +292,10 @@ def _fit_on_ray(
 
     from phishgate.training.ray_cluster import ray_state_dir
 
+    # Ray Train's print patch logs every print() in the workers a second time, and also
+    # what libraries print into a captured stdout (dill's disassembly when `datasets`
+    # fingerprints a function). Ray passes this variable on to the controller and workers.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=job,
